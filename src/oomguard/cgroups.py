@@ -1,0 +1,239 @@
+"""Everything oomguard reads from or writes to the cgroup v2 filesystem.
+
+Cgroups are named by their path relative to the mount point, with a leading
+slash, exactly as /proc/<pid>/cgroup shows them ("/oomguard.app/run-7").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+ROOT = Path(os.environ.get("OOMGUARD_CGROUP_ROOT", "/sys/fs/cgroup"))
+
+
+class CgroupError(OSError):
+    pass
+
+
+def path(cgroup: str) -> Path:
+    """The directory of a cgroup; refuses paths that climb out of the mount."""
+    rel = cgroup.strip("/")
+    if any(part in ("..", ".") for part in rel.split("/")):
+        raise CgroupError(errno.EINVAL, f"bad cgroup path {cgroup!r}")
+    return ROOT / rel if rel else ROOT
+
+
+def normalize(cgroup: str) -> str:
+    return "/" + cgroup.strip("/")
+
+
+def join(parent: str, child: str) -> str:
+    return normalize(f"{parent.rstrip('/')}/{child}")
+
+
+def is_v2() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def exists(cgroup: str) -> bool:
+    return path(cgroup).is_dir()
+
+
+def _read(cgroup: str, name: str) -> str:
+    return (path(cgroup) / name).read_text()
+
+
+def _write(cgroup: str, name: str, value: str) -> None:
+    fd = os.open(path(cgroup) / name, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def read_flat_keyed(cgroup: str, name: str) -> dict[str, int]:
+    """Files like memory.events or cgroup.events: "key value" lines."""
+    out: dict[str, int] = {}
+    try:
+        text = _read(cgroup, name)
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def controllers(cgroup: str) -> set[str]:
+    try:
+        return set(_read(cgroup, "cgroup.controllers").split())
+    except FileNotFoundError:
+        return set()
+
+
+def subtree_control(cgroup: str) -> set[str]:
+    try:
+        return set(_read(cgroup, "cgroup.subtree_control").split())
+    except FileNotFoundError:
+        return set()
+
+
+def enable_controllers(cgroup: str, names: list[str]) -> None:
+    """Enable controllers for the children of ``cgroup``."""
+    missing = [n for n in names if n not in subtree_control(cgroup)]
+    if missing:
+        _write(cgroup, "cgroup.subtree_control", " ".join(f"+{n}" for n in missing))
+
+
+def create(cgroup: str, mode: int = 0o755) -> None:
+    try:
+        path(cgroup).mkdir(mode=mode)
+    except FileExistsError:
+        pass
+
+
+def procs(cgroup: str) -> list[int]:
+    try:
+        return [int(x) for x in _read(cgroup, "cgroup.procs").split()]
+    except FileNotFoundError:
+        return []
+
+
+def move(pid: int, cgroup: str) -> None:
+    _write(cgroup, "cgroup.procs", str(pid))
+
+
+def populated(cgroup: str) -> bool:
+    events = read_flat_keyed(cgroup, "cgroup.events")
+    if "populated" in events:
+        return bool(events["populated"])
+    return bool(procs(cgroup))
+
+
+def kill(cgroup: str) -> None:
+    """SIGKILL every process in the cgroup and below it (cgroup.kill, 5.14+);
+    on older kernels, signal the listed processes one by one."""
+    try:
+        _write(cgroup, "cgroup.kill", "1")
+        return
+    except FileNotFoundError:
+        if not exists(cgroup):
+            return
+    for pid in procs_recursive(cgroup):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def procs_recursive(cgroup: str) -> list[int]:
+    out: list[int] = []
+    base = path(cgroup)
+    for dirpath, _dirs, _files in os.walk(base):
+        rel = "/" + str(Path(dirpath).relative_to(ROOT)) if Path(dirpath) != ROOT else "/"
+        out.extend(procs(rel))
+    return out
+
+
+def wait_empty(cgroup: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while populated(cgroup):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def remove(cgroup: str) -> bool:
+    """rmdir an empty cgroup and its empty children; False if still busy."""
+    base = path(cgroup)
+    if not base.is_dir():
+        return True
+    for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return False
+            raise
+    return True
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _int_or_max(text: str) -> int | None:
+    text = text.strip()
+    return None if text == "max" else int(text)
+
+
+def memory_current(cgroup: str) -> int | None:
+    try:
+        return int(_read(cgroup, "memory.current"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def memory_max(cgroup: str) -> int | None:
+    """memory.max in bytes, None for "max" or no memory controller."""
+    try:
+        return _int_or_max(_read(cgroup, "memory.max"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def memory_peak(cgroup: str) -> int | None:
+    try:
+        return int(_read(cgroup, "memory.peak"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def set_memory_max(cgroup: str, limit: int | None) -> None:
+    _write(cgroup, "memory.max", "max" if limit is None else str(limit))
+
+
+def set_memory(cgroup: str, key: str, value: str) -> None:
+    """memory.min, memory.low, memory.high, memory.oom.group, ..."""
+    _write(cgroup, key, value)
+
+
+def memory_events(cgroup: str) -> dict[str, int]:
+    """memory.events: low, high, max, oom, oom_kill (and oom_group_kill)."""
+    return read_flat_keyed(cgroup, "memory.events")
+
+
+def pressure(cgroup: str, resource: str = "memory") -> str | None:
+    try:
+        return _read(cgroup, f"{resource}.pressure")
+    except FileNotFoundError:
+        return None
+
+
+def effective_memory_limit(cgroup: str) -> int | None:
+    """The tightest memory.max on the way from the cgroup to the root: the
+    limit an OOM in this cgroup's subtree is scaled by."""
+    best = None
+    parts = normalize(cgroup).strip("/").split("/") if cgroup.strip("/") else []
+    for i in range(len(parts), 0, -1):
+        limit = memory_max("/" + "/".join(parts[:i]))
+        if limit is not None and (best is None or limit < best):
+            best = limit
+    return best
+
+
+def unit_of(cgroup: str | None) -> str | None:
+    """The innermost systemd unit (service or scope) in a cgroup path."""
+    if not cgroup:
+        return None
+    for part in reversed(cgroup.strip("/").split("/")):
+        if part.endswith((".service", ".scope")):
+            return part
+    return None
