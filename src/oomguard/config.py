@@ -308,8 +308,6 @@ def _protect(t: _Table) -> ProtectConfig:
     if users is not None:
         allow_uids = frozenset(resolve_user(u, f"{t.k('allow_users')}[{i}]") for i, u in enumerate(users))
     allow_gids = frozenset(resolve_group(g, f"{t.k('allow_groups')}[{i}]") for i, g in enumerate(groups))
-    if 0 in (allow_uids or ()):
-        raise ConfigError(f"{t.k('allow_users')}: root needs no broker; remove it")
     cfg = ProtectConfig(
         socket=socket,
         allow_uids=allow_uids,

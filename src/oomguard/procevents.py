@@ -1,0 +1,155 @@
+"""The kernel's process events: fork, exec, uid change and exit.
+
+The process-event connector (netlink NETLINK_CONNECTOR, CN_IDX_PROC) tells
+root about every fork and exec as it happens, which is how the daemon gives
+a new php-fpm worker its policy value within milliseconds, places an app
+user's new process in the app cgroup at birth, and learns the exit status of
+a protected command that nobody waits for (oom-protect execs it).
+
+Only processes are reported (threads are filtered out). When the kernel
+drops events (ENOBUFS), a ("lost",) event tells the caller to resync.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("oomguard.procevents")
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+NLMSG_DONE = 3
+PROC_CN_MCAST_LISTEN = 1
+PROC_CN_MCAST_IGNORE = 2
+
+PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXEC = 0x00000002
+PROC_EVENT_UID = 0x00000004
+PROC_EVENT_EXIT = 0x80000000
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_EVENT_HDR = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
+_HEADERS = _NLMSGHDR.size + _CN_MSG.size
+
+Event = tuple  # ("fork", parent, child) | ("exec", pid) | ("exit", pid, status) | ("uid", pid, ruid, euid) | ("lost",)
+
+
+def subscription(op: int = PROC_CN_MCAST_LISTEN) -> bytes:
+    payload = struct.pack("=I", op)
+    cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0)
+    body = cn + payload
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), NLMSG_DONE, 0, 0, os.getpid()) + body
+
+
+def parse(datagram: bytes) -> list[Event]:
+    """Decode one netlink datagram into process events (threads dropped)."""
+    out: list[Event] = []
+    offset = 0
+    while offset + _HEADERS + _EVENT_HDR.size <= len(datagram):
+        length = _NLMSGHDR.unpack_from(datagram, offset)[0]
+        if length < _HEADERS:
+            break
+        base = offset + _HEADERS
+        what = _EVENT_HDR.unpack_from(datagram, base)[0]
+        data = base + _EVENT_HDR.size
+        end = offset + length
+        if what == PROC_EVENT_FORK and data + 16 <= end:
+            _ppid, ptgid, cpid, ctgid = struct.unpack_from("=4I", datagram, data)
+            if cpid == ctgid:
+                out.append(("fork", ptgid, ctgid))
+        elif what == PROC_EVENT_EXEC and data + 8 <= end:
+            pid, tgid = struct.unpack_from("=2I", datagram, data)
+            if pid == tgid:
+                out.append(("exec", tgid))
+        elif what == PROC_EVENT_EXIT and data + 16 <= end:
+            pid, tgid, code, _sig = struct.unpack_from("=4I", datagram, data)
+            if pid == tgid:
+                out.append(("exit", tgid, code))
+        elif what == PROC_EVENT_UID and data + 16 <= end:
+            pid, tgid, ruid, euid = struct.unpack_from("=4I", datagram, data)
+            if pid == tgid:
+                out.append(("uid", tgid, ruid, euid))
+        offset += (length + 3) & ~3
+    return out
+
+
+class ProcEvents:
+    """A subscription to the connector. ``open()`` raises OSError when events
+    are unavailable (not root, no connector in the kernel): poll instead."""
+
+    def __init__(self, rcvbuf: int = 4 << 20):
+        self.rcvbuf = rcvbuf
+        self.sock: socket.socket | None = None
+
+    def open(self) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_CONNECTOR)
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf)  # SO_RCVBUFFORCE
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            sock.bind((0, CN_IDX_PROC))
+            sock.send(subscription())
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.send(subscription(PROC_CN_MCAST_IGNORE))
+            except OSError:
+                pass
+            self.sock.close()
+            self.sock = None
+
+    def run(self, callback: Callable[[Event], None], stop: threading.Event) -> None:
+        """Deliver events to ``callback`` until ``stop`` is set. A callback
+        that raises is logged; the stream goes on."""
+        if self.sock is None:
+            self.open()
+        assert self.sock is not None
+        try:
+            while not stop.is_set():
+                if not select.select([self.sock], [], [], 0.2)[0]:
+                    continue
+                try:
+                    datagram = self.sock.recv(65536)
+                except OSError as e:
+                    if e.errno == errno.ENOBUFS:
+                        log.warning("process events lost (receive buffer overrun); resyncing")
+                        events: list[Event] = [("lost",)]
+                    elif e.errno in (errno.EINTR, errno.EAGAIN):
+                        continue
+                    else:
+                        raise
+                else:
+                    events = parse(datagram)
+                for ev in events:
+                    try:
+                        callback(ev)
+                    except Exception:  # noqa: BLE001 - one bad event must not end the stream
+                        log.exception("process event handler failed on %r", ev)
+        finally:
+            self.close()
+
+
+def available() -> bool:
+    """Whether this process may subscribe (root on a kernel with the connector)."""
+    pe = ProcEvents()
+    try:
+        pe.open()
+    except OSError:
+        return False
+    pe.close()
+    return True
