@@ -135,8 +135,8 @@ def pin(peer: Peer) -> None:
 
 
 def is_allowed(cfg: ProtectConfig, peer: Peer, uid_range: tuple[int, int] | None = None) -> bool:
-    if peer.uid == 0:
-        return True
+    """Root is not special: with CAP_SYS_RESOURCE it needs no broker, and
+    without it (a container) the broker must not hand it what it lacks."""
     if cfg.allow_gids and (peer.gid in cfg.allow_gids or set(peer.groups) & cfg.allow_gids):
         return True
     if cfg.allow_uids is None:

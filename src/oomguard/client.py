@@ -1,0 +1,49 @@
+"""The control client: one request to the daemon's socket, one reply."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from .config import DEFAULT_SOCKET
+
+
+class DaemonError(Exception):
+    """The daemon could not be reached or refused; the message says why."""
+
+
+def socket_path(configured: str | None = None) -> str:
+    return os.environ.get("OOMGUARD_SOCKET") or configured or DEFAULT_SOCKET
+
+
+def request(op: str, path: str | None = None, timeout: float = 30.0, **fields: Any) -> dict:
+    path = socket_path(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonError(f"the oomguard daemon is not running (no socket at {path})") from None
+        except OSError as e:
+            raise DaemonError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
+        s.sendall((json.dumps({"op": op, **fields}) + "\n").encode())
+        chunks = []
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except TimeoutError:
+        raise DaemonError(f"the daemon did not answer within {timeout:g}s") from None
+    finally:
+        s.close()
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        raise DaemonError("the daemon sent a malformed reply") from None
+    if not reply.get("ok"):
+        raise DaemonError(str(reply.get("error", "refused")))
+    return reply

@@ -1,0 +1,670 @@
+"""Kernel log records from /dev/kmsg, and the OOM reports in them.
+
+Three layers:
+
+* ``parse_record`` turns one read() of /dev/kmsg into a ``KmsgRecord``.
+* ``OomParser`` assembles the multi-line OOM report into one ``OomKill``
+  (or an ``OomLivelock`` for "Out of memory and no killable processes").
+* ``KmsgFollower`` reads the ring (the whole of it first, then new records)
+  in a thread and survives ring overruns and restarts.
+
+The report format changed over the years; this parser reads all of these:
+
+* 3.x/4.x (up to 4.18): no ``oom-kill:`` line; "Task in /a killed as a result
+  of limit of /b"; "Kill process N (c) score S or sacrifice child" followed by
+  an unprefixed "Killed process M (c) total-vm:...".
+* 4.19 to 5.x: the ``oom-kill:constraint=...`` summary line; "Killed process"
+  gains the "Memory cgroup out of memory: " / "Out of memory: " prefix.
+* 5.x/6.x: "Killed process" ends in "UID:n pgtables:nkB oom_score_adj:n".
+
+The kernel rate-limits the report header (10 per 5 s), so a bare "Killed
+process" line without a header is normal in a storm and is a kill of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import select
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import procfs
+
+log = logging.getLogger(__name__)
+
+LOG_KERN = 0  # syslog facility of kernel messages; userspace cannot log as LOG_KERN
+RECORD_MAX = 16384  # larger than the kernel's per-record maximum (8 KiB)
+RAW_LINES_MAX = 64  # bound on the lines an event keeps for forensics
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class KmsgRecord:
+    seq: int
+    ts_usec: int  # microseconds since boot (the kernel's printk clock)
+    level: int  # 0 (emerg) .. 7 (debug)
+    facility: int  # 0 for the kernel itself
+    text: str  # unescaped; may hold newlines (multi-line printk)
+    cont: bool  # a fragment that continues or is continued (older kernels)
+
+
+_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+
+
+def _unescape(data: bytes) -> str:
+    # The kernel writes every byte < 0x20, >= 0x7f and "\" as \xNN; UTF-8
+    # therefore arrives escaped and decodes only after unescaping.
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), data).decode("utf-8", "replace")
+
+
+def parse_record(raw: bytes) -> KmsgRecord | None:
+    """One /dev/kmsg record: ``prio,seq,ts,flags[,...];text\\n`` then optional
+    `` KEY=value`` lines. None for anything that is not such a record."""
+    try:
+        header, sep, rest = raw.partition(b";")
+        if not sep:
+            return None
+        fields = header.split(b",")
+        if len(fields) < 4:
+            return None
+        prio, seq, ts = int(fields[0]), int(fields[1]), int(fields[2])
+        if prio < 0 or seq < 0 or ts < 0:
+            return None
+        flags = fields[3]
+        # The text ends at the first newline; continuation lines (dictionary
+        # properties like SUBSYSTEM=) start with a space and are not text.
+        text = rest.split(b"\n", 1)[0]
+        return KmsgRecord(
+            seq=seq,
+            ts_usec=ts,
+            level=prio & 7,
+            facility=prio >> 3,
+            text=_unescape(text),
+            cont=b"c" in flags or b"+" in flags,
+        )
+    except (ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass
+class OomKill:
+    """One process killed by the kernel's OOM killer.
+
+    Fields the report did not carry (older kernels, a rate-limited header, a
+    truncated report) are None. ``complete`` is False when the report never
+    reached its "Killed process" line (then the victim comes from the
+    ``oom-kill:`` summary, if it was seen)."""
+
+    seq: int
+    ts_usec: int
+    wall_time: float | None
+    invoker_comm: str | None = None
+    invoker_pid: int | None = None
+    constraint: str | None = None  # CONSTRAINT_NONE, CONSTRAINT_MEMCG, ...
+    oom_memcg: str | None = None  # the cgroup whose limit was hit
+    task_memcg: str | None = None  # the victim's cgroup
+    victim_pid: int | None = None
+    victim_comm: str | None = None
+    victim_uid: int | None = None
+    total_vm_kb: int | None = None
+    anon_rss_kb: int | None = None
+    file_rss_kb: int | None = None
+    shmem_rss_kb: int | None = None
+    oom_score_adj: int | None = None
+    raw: list[str] = field(default_factory=list)
+    complete: bool = True
+
+    kind = "oom_kill"  # the event store's kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class OomLivelock:
+    """The OOM killer ran and found nothing it may kill ("Out of memory and no
+    killable processes..."): every candidate has oom_score_adj -1000 or is
+    exempt. Outside a cgroup the kernel panics right after; inside one the
+    allocating tasks loop and the cgroup is stuck until memory is freed."""
+
+    seq: int
+    ts_usec: int
+    wall_time: float | None
+    invoker_comm: str | None = None
+    invoker_pid: int | None = None
+    constraint: str | None = None
+    oom_memcg: str | None = None
+    raw: list[str] = field(default_factory=list)
+
+    kind = "oom_livelock"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+OomEvent = OomKill | OomLivelock
+
+# ---------------------------------------------------------------- report lines
+
+_INVOKED = re.compile(r"^(?P<comm>.*) invoked oom-killer: (?P<args>.*)$")
+# "CPU: 4 PID: 63635 Comm: uwsgi Not tainted ..." (6.x adds "UID: 0 ")
+_CPU_PID = re.compile(
+    r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>.*?) (?:Not tainted|Tainted)"
+)
+_SUMMARY = re.compile(
+    r"^oom-kill:(?P<body>constraint=.*),task=(?P<task>.{0,64}),pid=(?P<pid>\d+),uid=(?P<uid>\d+)$"
+)
+_TASK_IN = re.compile(r"^Task in (?P<task>.*) killed as a result of limit of (?P<oom>.*)$")
+_MEMCG_STATS = re.compile(r"^Memory cgroup stats for (?P<cg>/.*?):(?: |$)")
+_KILLED = re.compile(
+    r"^(?:(?P<prefix>[^:]*(?:\([^)]*\))?): )?Killed process (?P<pid>\d+) \((?P<comm>.*)\)"
+    r"(?P<tail>,? (?:UID \d+, )?total-vm:\d+kB.*)$"
+)
+_KILLED_FIELD = re.compile(
+    r"(total-vm|anon-rss|file-rss|shmem-rss|UID|pgtables|oom_score_adj)[: ](-?\d+)"
+)
+_SELECT = re.compile(
+    r"^(?P<prefix>.*): Kill process (?P<pid>\d+) \((?P<comm>.*)\) score -?\d+ or sacrifice child$"
+)
+_NO_KILLABLE = "Out of memory and no killable processes"
+_GROUP_KILL = re.compile(
+    r"^Tasks in (?P<cg>.*) are going to be killed due to memory\.oom\.group set$"
+)
+_TABLE_HEAD = re.compile(r"^\[\s*pid\s*\]\s+(?P<cols>.*\bname)$")
+_TABLE_ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
+
+_PREFIX_CONSTRAINT = {
+    "Memory cgroup out of memory": "CONSTRAINT_MEMCG",
+    "Out of memory": None,  # global, cpuset or mempolicy: the summary line says which
+}
+
+
+@dataclass
+class _Report:
+    seq: int
+    ts_usec: int
+    invoker_comm: str | None = None
+    invoker_pid: int | None = None
+    constraint: str | None = None
+    oom_memcg: str | None = None
+    task_memcg: str | None = None
+    summary_pid: int | None = None
+    summary_comm: str | None = None
+    summary_uid: int | None = None
+    summary_line: str | None = None
+    group_cgroup: str | None = None  # set by "Tasks in X are going to be killed ... oom.group"
+    table_cols: list[str] | None = None
+    table: dict[int, tuple[int | None, int | None]] = field(
+        default_factory=dict
+    )  # pid -> (uid, adj)
+    lines: int = 0
+    raw: list[str] = field(default_factory=list)
+
+    def keep(self, line: str) -> None:
+        if len(self.raw) < RAW_LINES_MAX:
+            self.raw.append(line)
+
+
+def _apply_summary(rep: _Report, line: str, comm: str | None = None) -> bool:
+    """Read the ``oom-kill:`` summary line into ``rep``.
+
+    The victim's comm is chosen by whoever started it and may contain
+    ",task=", so without knowing it the line is split at the last possible
+    place; once the "Killed process" line gave the real comm, it is split
+    again exactly."""
+    m = _SUMMARY.match(line)
+    if m is None:
+        return False
+    pid, uid = int(m.group("pid")), int(m.group("uid"))
+    body, task = m.group("body"), m.group("task")
+    if comm is not None and comm != task:
+        suffix = f",task={comm},pid={pid},uid={uid}"
+        if not line.endswith(suffix):
+            return False
+        body, task = line[len("oom-kill:") : -len(suffix)], comm
+    rep.summary_pid, rep.summary_comm, rep.summary_uid = pid, task, uid
+    rep.summary_line = line
+    # constraint=C,nodemask=N,cpuset=S,mems_allowed=M,(oom_memcg=P|global_oom),task_memcg=T
+    # Cgroup and cpuset names may hold commas, so cut at the known keys.
+    constraint = body[len("constraint=") :].split(",", 1)[0]
+    rep.constraint = constraint or rep.constraint
+    cut = body.rfind(",task_memcg=")
+    if cut >= 0:
+        rep.task_memcg = body[cut + len(",task_memcg=") :]
+        head = body[:cut]
+    else:
+        head = body
+    at = head.find(",oom_memcg=")
+    if at >= 0:
+        rep.oom_memcg = head[at + len(",oom_memcg=") :]
+    elif head.endswith(",global_oom"):
+        rep.oom_memcg = None
+    return True
+
+
+class OomParser:
+    """Assembles OOM reports from kernel records; ``feed`` returns the events
+    completed by a record. Never raises on malformed input: such lines are
+    ignored (and logged at debug level).
+
+    ``boot_time`` (wall-clock seconds at boot) turns the kernel's timestamps
+    into wall time; by default it is read from /proc/stat once."""
+
+    def __init__(
+        self,
+        boot_time: float | None = None,
+        *,
+        max_report_lines: int = 50_000,
+        max_report_usec: int = 60_000_000,
+    ):
+        if boot_time is None:
+            try:
+                boot_time = procfs.boot_time()
+            except (OSError, RuntimeError, ValueError):
+                boot_time = None
+        self.boot_time = boot_time
+        self.max_report_lines = max_report_lines
+        self.max_report_usec = max_report_usec
+        self._open: _Report | None = None
+        # Context for oom.group kills that follow the first victim's line.
+        self._group: _Report | None = None
+
+    # -------------------------------------------------------------- public
+
+    def feed(self, rec: KmsgRecord) -> list[OomEvent]:
+        if rec.facility != LOG_KERN:
+            return []  # userspace writes to /dev/kmsg; never an OOM report
+        out: list[OomEvent] = []
+        try:
+            for line in rec.text.splitlines() or [""]:
+                self._line(rec, line, out)
+        except Exception:  # noqa: BLE001 - a parser bug must not stop the follower
+            log.exception("kmsg: cannot parse record %d; skipped", rec.seq)
+            self._open = None
+        return out
+
+    def flush(self) -> list[OomEvent]:
+        """Emit a report that is still open, marked incomplete."""
+        out: list[OomEvent] = []
+        if self._open is not None:
+            out.append(self._incomplete(self._open))
+            self._open = None
+        self._group = None
+        return out
+
+    def expire(self, now_usec: int) -> list[OomEvent]:
+        """Flush an open report older than the bound; call when the ring is idle."""
+        if self._open is not None and now_usec - self._open.ts_usec > self.max_report_usec:
+            return self.flush()
+        return []
+
+    @property
+    def pending(self) -> bool:
+        return self._open is not None
+
+    def resume_after(self, seq: int) -> int:
+        """The sequence number to persist after feeding record ``seq``: a
+        restart that skips records up to it loses nothing, because a report
+        still open (its header read, its kill line not yet) is read again
+        from its first record."""
+        return min(seq, self._open.seq - 1) if self._open is not None else seq
+
+    # -------------------------------------------------------------- lines
+
+    def _wall(self, ts_usec: int) -> float | None:
+        return None if self.boot_time is None else self.boot_time + ts_usec / 1e6
+
+    def _line(self, rec: KmsgRecord, line: str, out: list[OomEvent]) -> None:
+        rep = self._open
+        if rep is not None:
+            rep.lines += 1
+            if (
+                rep.lines > self.max_report_lines
+                or rec.ts_usec - rep.ts_usec > self.max_report_usec
+            ):
+                out.append(self._incomplete(rep))
+                rep = self._open = None
+
+        if m := _INVOKED.match(line):
+            if rep is not None:
+                out.append(self._incomplete(rep))
+            rep = self._open = _Report(
+                seq=rec.seq, ts_usec=rec.ts_usec, invoker_comm=m.group("comm")
+            )
+            rep.keep(line)
+            self._group = None
+            return
+
+        if (m := _KILLED.match(line)) is not None:
+            out.append(self._killed(rec, line, m))
+            return
+
+        if line.startswith(_NO_KILLABLE):
+            out.append(self._livelock(rec, line))
+            return
+
+        if (m := _GROUP_KILL.match(line)) is not None:
+            # The first victim was reported; every task in this cgroup follows
+            # as its own "Killed process" line with the same cause.
+            if self._group is not None:
+                self._group.group_cgroup = m.group("cg")
+            return
+
+        if rep is None:
+            return
+
+        if rep.invoker_pid is None and (m := _CPU_PID.match(line)):
+            if rep.invoker_comm is None or m.group("comm") == rep.invoker_comm:
+                rep.invoker_pid = int(m.group("pid"))
+                rep.keep(line)
+        elif line.startswith("oom-kill:"):
+            if _apply_summary(rep, line):
+                rep.keep(line)
+        elif m := _TASK_IN.match(line):
+            rep.task_memcg = m.group("task")
+            rep.oom_memcg = m.group("oom")
+            rep.constraint = rep.constraint or "CONSTRAINT_MEMCG"
+            rep.keep(line)
+        elif rep.oom_memcg is None and (m := _MEMCG_STATS.match(line)):
+            rep.oom_memcg = m.group("cg")
+            rep.constraint = rep.constraint or "CONSTRAINT_MEMCG"
+        elif m := _TABLE_HEAD.match(line):
+            rep.table_cols = m.group("cols").split()
+        elif rep.table_cols and (m := _TABLE_ROW.match(line)):
+            self._table_row(rep, int(m.group("pid")), m.group("rest"))
+        elif m := _SELECT.match(line):
+            # 4.x names the chosen task here; the victim may be its child.
+            if rep.constraint is None:
+                rep.constraint = _PREFIX_CONSTRAINT.get(m.group("prefix").split(" (")[0])
+            rep.keep(line)
+
+    def _table_row(self, rep: _Report, pid: int, rest: str) -> None:
+        cols = rep.table_cols or []
+        # Every column but the last ("name", which may hold spaces) is a number.
+        parts = rest.split(None, len(cols) - 1)
+        if len(parts) < len(cols):
+            return
+        values = dict(zip(cols[:-1], parts[:-1], strict=True))
+        try:
+            uid = int(values["uid"]) if "uid" in values else None
+            adj = int(values["oom_score_adj"]) if "oom_score_adj" in values else None
+        except ValueError:
+            return
+        rep.table[pid] = (uid, adj)
+
+    # -------------------------------------------------------------- events
+
+    def _killed(self, rec: KmsgRecord, line: str, m: re.Match[str]) -> OomKill:
+        pid = int(m.group("pid"))
+        comm = m.group("comm")
+        nums: dict[str, int] = {}
+        for k, v in _KILLED_FIELD.findall(m.group("tail")):
+            nums.setdefault(k, int(v))
+        prefix = m.group("prefix")
+
+        rep, group = self._open, False
+        if rep is None and self._group is not None and self._group.group_cgroup is not None:
+            # Another member of a memory.oom.group cgroup: same cause, own line.
+            rep, group = self._group, True
+        if rep is None:
+            # A kill whose report header the kernel rate-limited away.
+            rep = _Report(seq=rec.seq, ts_usec=rec.ts_usec)
+        if rep.summary_line is not None and rep.summary_comm != comm and rep.summary_pid == pid:
+            _apply_summary(rep, rep.summary_line, comm)
+        same_victim = rep.summary_pid == pid
+        seq, ts = (rec.seq, rec.ts_usec) if group else (rep.seq, rep.ts_usec)
+        kill = OomKill(
+            seq=seq,
+            ts_usec=ts,
+            wall_time=self._wall(ts),
+            invoker_comm=rep.invoker_comm,
+            invoker_pid=rep.invoker_pid,
+            constraint=rep.constraint,
+            oom_memcg=rep.oom_memcg,
+            # The summary and "Task in" lines describe the first victim only.
+            task_memcg=rep.task_memcg
+            if not group and (same_victim or rep.summary_pid is None)
+            else None,
+            victim_pid=pid,
+            victim_comm=comm,
+            victim_uid=nums.get("UID"),
+            total_vm_kb=nums.get("total-vm"),
+            anon_rss_kb=nums.get("anon-rss"),
+            file_rss_kb=nums.get("file-rss"),
+            shmem_rss_kb=nums.get("shmem-rss"),
+            oom_score_adj=nums.get("oom_score_adj"),
+            raw=[*rep.raw[: RAW_LINES_MAX - 1], line],
+        )
+        if kill.constraint is None and prefix is not None:
+            kill.constraint = _PREFIX_CONSTRAINT.get(prefix.split(" (")[0])
+        if kill.victim_uid is None and same_victim:
+            kill.victim_uid = rep.summary_uid
+        if pid in rep.table:
+            uid, adj = rep.table[pid]
+            kill.victim_uid = kill.victim_uid if kill.victim_uid is not None else uid
+            kill.oom_score_adj = kill.oom_score_adj if kill.oom_score_adj is not None else adj
+        if not group:
+            self._open = None
+            self._group = rep
+        return kill
+
+    def _incomplete(self, rep: _Report) -> OomKill:
+        """What a report that never reached its kill line tells."""
+        uid = rep.summary_uid
+        adj = None
+        if rep.summary_pid is not None and rep.summary_pid in rep.table:
+            t_uid, adj = rep.table[rep.summary_pid]
+            uid = uid if uid is not None else t_uid
+        return OomKill(
+            seq=rep.seq,
+            ts_usec=rep.ts_usec,
+            wall_time=self._wall(rep.ts_usec),
+            invoker_comm=rep.invoker_comm,
+            invoker_pid=rep.invoker_pid,
+            constraint=rep.constraint,
+            oom_memcg=rep.oom_memcg,
+            task_memcg=rep.task_memcg,
+            victim_pid=rep.summary_pid,
+            victim_comm=rep.summary_comm,
+            victim_uid=uid,
+            oom_score_adj=adj,
+            raw=list(rep.raw),
+            complete=False,
+        )
+
+    def _livelock(self, rec: KmsgRecord, line: str) -> OomLivelock:
+        rep = self._open or _Report(seq=rec.seq, ts_usec=rec.ts_usec)
+        self._open = None
+        self._group = None
+        return OomLivelock(
+            seq=rep.seq,
+            ts_usec=rep.ts_usec,
+            wall_time=self._wall(rep.ts_usec),
+            invoker_comm=rep.invoker_comm,
+            invoker_pid=rep.invoker_pid,
+            constraint=rep.constraint or ("CONSTRAINT_MEMCG" if rep.oom_memcg else None),
+            oom_memcg=rep.oom_memcg,
+            raw=[*rep.raw[: RAW_LINES_MAX - 1], line],
+        )
+
+
+class LivelockTracker:
+    """Makes the livelock messages usable: inside a cgroup the kernel retries
+    the failing allocation and prints a full report plus "no killable
+    processes" on every try, many times a second. ``seen`` says which of them
+    to store (the first per cgroup in ``store_every`` seconds) and counts the
+    rest; ``active`` is True while one was seen in the last ``clear_after``
+    seconds (the kernel prints nothing when a livelock ends). Times are the
+    caller's monotonic clock."""
+
+    def __init__(self, clear_after: float = 30.0, store_every: float = 60.0):
+        self.clear_after = clear_after
+        self.store_every = store_every
+        self._last_seen: float | None = None
+        self._stored: dict[str | None, float] = {}
+        self.suppressed: dict[str | None, int] = {}
+
+    def seen(self, event: OomLivelock, now: float) -> bool:
+        self._last_seen = now
+        key = event.oom_memcg
+        last = self._stored.get(key)
+        if last is not None and now - last < self.store_every:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return False
+        self._stored[key] = now
+        return True
+
+    def take_suppressed(self, memcg: str | None) -> int:
+        """How many were suppressed for this cgroup since the last stored one."""
+        return self.suppressed.pop(memcg, 0)
+
+    def active(self, now: float) -> bool:
+        return self._last_seen is not None and now - self._last_seen < self.clear_after
+
+
+# ---------------------------------------------------------------- follower
+
+
+class KmsgFollower:
+    """Reads /dev/kmsg in a thread: the whole ring first, then new records.
+
+    ``start_after_seq`` and ``boot_id`` are what the caller persisted last
+    time (the sequence number of the last record it handled, and the boot it
+    belongs to). Records up to that number are skipped if the machine has not
+    rebooted since, so a restart neither loses nor repeats events. Sequence
+    numbers restart at each boot; after a reboot nothing is skipped.
+
+    Records lost to ring overruns (EPIPE on read) or that fell out of the
+    ring while nobody was reading are counted in ``lost`` and reported to
+    ``on_lost``."""
+
+    def __init__(
+        self,
+        path: str = "/dev/kmsg",
+        on_record: Callable[[KmsgRecord], None] | None = None,
+        start_after_seq: int | None = None,
+        boot_id: str | None = None,
+        *,
+        current_boot_id: str | None = None,
+        on_lost: Callable[[int], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        poll_interval: float = 0.25,
+    ):
+        self.path = path
+        self.on_record = on_record or (lambda rec: None)
+        if current_boot_id is None:
+            try:
+                current_boot_id = procfs.boot_id()
+            except OSError:
+                current_boot_id = None
+        self.boot_id = current_boot_id  # the boot the records read belong to
+        same_boot = boot_id is not None and boot_id == current_boot_id
+        self.start_after_seq = start_after_seq if same_boot else None
+        self.on_lost = on_lost
+        self.on_idle = on_idle
+        self.poll_interval = poll_interval
+        self.last_seq: int | None = None  # of the last record handed to on_record
+        self.lost = 0
+        self.caught_up = threading.Event()  # set once the ring's backlog is read
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _read(self, fd: int) -> bytes:
+        return os.read(fd, RECORD_MAX)
+
+    def _report_lost(self, count: int, why: str) -> None:
+        if count <= 0:
+            return
+        self.lost += count
+        log.warning(
+            "kmsg: %d kernel log records lost (%s); OOM reports among them are missed", count, why
+        )
+        if self.on_lost is not None:
+            self.on_lost(count)
+
+    def run(self, stop: threading.Event) -> None:
+        fd = self._open()
+        try:
+            self._loop(fd, stop)
+        finally:
+            os.close(fd)
+
+    def _loop(self, fd: int, stop: threading.Event) -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        expected: int | None = None  # seq we should see next, once we know
+        overrun = False
+        while not stop.is_set():
+            try:
+                raw = self._read(fd)
+            except BlockingIOError:
+                self.caught_up.set()
+                if self.on_idle is not None:
+                    self.on_idle()
+                poller.poll(int(self.poll_interval * 1000))
+                continue
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EPIPE:
+                    # The writer overtook us; the next read starts at the
+                    # oldest record still in the ring. Count the gap then.
+                    overrun = True
+                    continue
+                raise
+            if not raw:
+                # A regular file (tests, replays) ends; the device never does.
+                self.caught_up.set()
+                if self.on_idle is not None:
+                    self.on_idle()
+                stop.wait(self.poll_interval)
+                continue
+            rec = parse_record(raw)
+            if rec is None:
+                log.debug("kmsg: unparsable record %r", raw[:200])
+                continue
+            if expected is None and self.start_after_seq is not None:
+                expected = self.start_after_seq + 1
+            if expected is not None and rec.seq > expected:
+                self._report_lost(
+                    rec.seq - expected,
+                    "ring buffer overrun" if overrun else "rotated out of the ring",
+                )
+            overrun = False
+            expected = rec.seq + 1
+            if self.start_after_seq is not None and rec.seq <= self.start_after_seq:
+                continue
+            self.on_record(rec)
+            self.last_seq = rec.seq
+
+
+def read_ring(path: str = "/dev/kmsg") -> list[KmsgRecord]:
+    """Every record now in the ring (for one-shot tools and the capture script)."""
+    out: list[KmsgRecord] = []
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        while True:
+            try:
+                raw = os.read(fd, RECORD_MAX)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                continue
+            if not raw:
+                break
+            if (rec := parse_record(raw)) is not None:
+                out.append(rec)
+    finally:
+        os.close(fd)
+    return out
