@@ -1,0 +1,772 @@
+"""Service priorities: which process gets which oom_score_adj.
+
+A policy is an ordered list of classes (config.PolicyClass). The first class
+that matches a process wins. Within a class every matcher kind that is given
+must match (comm AND exe AND user AND unit AND cgroup AND parent), and within
+one kind any listed pattern may match. Anything no class matches is left
+alone, with one exception: a negative value a process merely inherited from
+an ancestor that the policy lowered is taken back to 0 (see ``_Resolver``).
+
+Processes of protected runs (runs.RunRegistry) are never touched.
+
+Writes go through procfs.write_oom_score_adj on an fd of /proc/<pid> after
+checking the start time, so a reused pid never receives another process's
+value. When root with CAP_SYS_RESOURCE writes, the kernel also records the
+value as the task's oom_score_adj_min, which is what stops users from
+lowering it again: the point of having a root daemon do this.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pwd
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from . import cgroups, procfs
+from .config import Config, LayoutConfig, PolicyClass, parse_policy_class
+from .runs import RunRegistry
+
+log = logging.getLogger(__name__)
+
+DELETED = " (deleted)"
+KERNEL_DEFAULT = 0
+
+# Skip reasons (Decision.reason when action == "skip").
+PROTECTED = "protected run"
+UNMATCHED = "unmatched"
+ALREADY = "already right"
+INIT = "init"
+ZOMBIE = "zombie"
+# Set reasons.
+BY_CLASS = "class"
+INHERITED = "inherited grant revoked"
+
+
+# ---------------------------------------------------------------- defaults
+
+# Cgroups where root's own processes live on a systemd host ("/" is the root
+# cgroup, where everything lives on a host without systemd). The app slice
+# and user sessions other than root's are deliberately not in this list, nor
+# are container scopes (docker-*.scope), whose runtimes set their own values.
+ROOT_CGROUPS = ["/", "/init.scope", "/system.slice/*.service", "/user.slice/user-0.slice/*"]
+
+
+def _user_exists(name: str) -> bool:
+    if name.isdigit():
+        return True
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def default_class_tables(app_user: str = LayoutConfig.app_user) -> list[dict[str, Any]]:
+    """The built-in classes as TOML-shaped tables, in match order.
+
+    Classes whose user does not exist on this host are left out, so that an
+    absent app user (or no MySQL) makes those classes match nothing instead
+    of failing."""
+    tables: list[dict[str, Any]] = [
+        # Workers first: a freshly forked worker is still root and still runs
+        # the master's binary, so only its parent tells it apart. Workers
+        # inherit the master's low value (and its oom_score_adj_min), so the
+        # mild value below is written actively, not left alone.
+        {
+            "name": "php-fpm-worker",
+            "oom_score_adj": 200,
+            "parent": ["php-fpm-master"],
+            "exe": ["/usr/sbin/php-fpm*"],
+            "essential": False,
+        },
+        {
+            "name": "nginx-worker",
+            "oom_score_adj": 0,
+            "parent": ["nginx-master"],
+            "exe": ["/usr/sbin/nginx"],
+        },
+        {
+            "name": "php-fpm-master",
+            "oom_score_adj": -900,
+            "user": ["root"],
+            "exe": ["/usr/sbin/php-fpm*"],
+        },
+        {
+            "name": "nginx-master",
+            "oom_score_adj": -800,
+            "user": ["root"],
+            "exe": ["/usr/sbin/nginx"],
+        },
+    ]
+    if _user_exists("mysql"):
+        tables += [
+            {
+                "name": "database",
+                "oom_score_adj": -1000,
+                "user": ["mysql"],
+                "exe": ["/usr/sbin/mariadbd", "/usr/sbin/mysqld"],
+            },
+            {
+                "name": "database-unit",
+                "oom_score_adj": -1000,
+                "user": ["mysql"],
+                "unit": ["mariadb.service", "mysql.service"],
+            },
+        ]
+    tables += [
+        {
+            "name": "oomguard",
+            "oom_score_adj": -1000,
+            "user": ["root"],
+            "unit": ["oomguard.service"],
+            "healer_exempt": True,
+        },
+        {
+            "name": "root-automation",
+            "oom_score_adj": -1000,
+            "user": ["root"],
+            "cgroup": list(ROOT_CGROUPS),
+            "healer_exempt": True,
+        },
+    ]
+    app_ok = _user_exists(app_user) and app_user not in ("root", "0")
+    if app_ok:
+        tables += [
+            {
+                "name": "app-ssh",
+                "oom_score_adj": 1000,
+                "user": [app_user],
+                "unit": ["session-*.scope"],
+                "essential": False,
+            },
+            {
+                "name": "app-cron",
+                "oom_score_adj": 1000,
+                "user": [app_user],
+                "unit": ["cron.service", "crond.service"],
+                "essential": False,
+            },
+            {
+                "name": "app-user",
+                "oom_score_adj": 1000,
+                "user": [app_user],
+                "essential": False,
+            },
+        ]
+    return tables
+
+
+def default_classes(config: Config | None = None) -> tuple[PolicyClass, ...]:
+    """The built-in classes, parsed and checked like a config file's."""
+    app_user = config.layout.app_user if config is not None else LayoutConfig.app_user
+    return tuple(
+        parse_policy_class(t, f"policy.defaults[{i}]")
+        for i, t in enumerate(default_class_tables(app_user))
+    )
+
+
+def classes_for(config: Config) -> tuple[PolicyClass, ...]:
+    """The classes in force: the config's, or the defaults when it has none."""
+    if config.policy.classes is not None:
+        return config.policy.classes
+    return default_classes(config)
+
+
+# ---------------------------------------------------------------- matching
+
+
+def _exe_for_match(exe: str | None, privileged: bool) -> str | None:
+    """The path an exe glob is matched against.
+
+    The kernel appends " (deleted)" when the binary was replaced or removed.
+    An ordinary class still matches the old path (a php-fpm worker after a
+    package upgrade is still a php-fpm worker), but a privileged class does
+    not: nothing vouches any more for what that file was."""
+    if exe is None:
+        return None
+    if exe.endswith(DELETED):
+        return None if privileged else exe[: -len(DELETED)]
+    return exe
+
+
+def _any(patterns: tuple[str, ...], value: str | None) -> bool:
+    return value is not None and any(fnmatchcase(value, p) for p in patterns)
+
+
+def matches(
+    cls: PolicyClass,
+    proc: procfs.Proc,
+    parent_class: Callable[[], PolicyClass | None] = lambda: None,
+) -> bool:
+    """Whether ``proc`` is in ``cls``. Cheap matchers go first; the parent's
+    class is only computed when everything else already matched."""
+    if cls.user and proc.uid not in cls.user:
+        return False
+    if cls.comm and not _any(cls.comm, proc.comm):
+        return False
+    if cls.exe and not _any(cls.exe, _exe_for_match(proc.exe, cls.privileged)):
+        return False
+    if cls.unit and not _any(cls.unit, cgroups.unit_of(proc.cgroup)):
+        return False
+    if cls.cgroup and not _any(cls.cgroup, proc.cgroup):
+        return False
+    if cls.parent:
+        pc = parent_class()
+        if pc is None or pc.name not in cls.parent:
+            return False
+    return True
+
+
+def _self_class(classes: tuple[PolicyClass, ...]) -> PolicyClass:
+    for c in classes:
+        if c.name == "oomguard":
+            return c
+    return parse_policy_class(
+        {"name": "oomguard", "oom_score_adj": -1000, "user": [0], "unit": ["oomguard.service"],
+         "healer_exempt": True},
+        "policy.self",
+    )
+
+
+class _Resolver:
+    """Classes, protection and inherited grants of processes, parents first,
+    memoized by (pid, start time).
+
+    ``lookup(pid)`` returns the live process with that pid (or None). A
+    parent only counts if it started no later than the child, so a reused
+    pid is never taken for a parent.
+    """
+
+    MAX_DEPTH = 256
+
+    def __init__(
+        self,
+        classes: tuple[PolicyClass, ...],
+        lookup: Callable[[int], procfs.Proc | None],
+        registry: RunRegistry | None,
+        self_pid: int | None = None,
+        class_memo: dict[tuple[int, int], PolicyClass | None] | None = None,
+        follow_ancestors: bool = True,
+    ):
+        self.classes = classes
+        self.follow_ancestors = follow_ancestors
+        self.lookup = lookup
+        self.registry = registry
+        self.self_pid = self_pid
+        self.self_cls = _self_class(classes) if self_pid is not None else None
+        self.class_memo = class_memo if class_memo is not None else {}
+        self.protect_memo: dict[tuple[int, int], bool] = {}
+        self.origin_memo: dict[tuple[int, int], int | None] = {}
+        self._busy: set[tuple[int, int]] = set()
+
+    def parent(self, proc: procfs.Proc) -> procfs.Proc | None:
+        if proc.ppid <= 0:
+            return None
+        p = self.lookup(proc.ppid)
+        if p is None or p.starttime > proc.starttime or p.key == proc.key:
+            return None
+        return p
+
+    def class_of(self, proc: procfs.Proc, depth: int = 0) -> PolicyClass | None:
+        key = proc.key
+        if key in self.class_memo:
+            return self.class_memo[key]
+        if proc.pid == self.self_pid and proc.uid == 0 and self.self_cls is not None:
+            self.class_memo[key] = self.self_cls
+            return self.self_cls
+        if key in self._busy or depth > self.MAX_DEPTH:
+            return None  # a loop (pid reuse) or an absurdly deep tree
+        self._busy.add(key)
+        try:
+            cached: list[PolicyClass | None] = []
+
+            def parent_class() -> PolicyClass | None:
+                if not cached:
+                    par = self.parent(proc)
+                    cached.append(self.class_of(par, depth + 1) if par is not None else None)
+                return cached[0]
+
+            found = next((c for c in self.classes if matches(c, proc, parent_class)), None)
+        finally:
+            self._busy.discard(key)
+        self.class_memo[key] = found
+        return found
+
+    def protected(self, proc: procfs.Proc, depth: int = 0) -> bool:
+        """A protected run's process or any live descendant of one."""
+        if self.registry is None:
+            return False
+        key = proc.key
+        if key in self.protect_memo:
+            return self.protect_memo[key]
+        result = self.registry.is_protected(proc.pid, proc.starttime, proc.cgroup)
+        if not result and self.follow_ancestors and depth < self.MAX_DEPTH and key not in self._busy:
+            par = self.parent(proc)
+            self._busy.add(key)
+            try:
+                if par is not None and self.protected(par, depth + 1):
+                    result = True
+                    # Follow it from now on even after the parent exits
+                    # (the registry only learns of children from fork events).
+                    self.registry.on_fork(par.pid, par.starttime, proc.pid, proc.starttime)
+            finally:
+                self._busy.discard(key)
+        self.protect_memo[key] = result
+        return result
+
+    def inherited_origin(self, proc: procfs.Proc, depth: int = 0) -> int | None:
+        """The policy-lowered value ``proc`` inherited, if that is all it has.
+
+        Children copy their parent's oom_score_adj and oom_score_adj_min at
+        fork. A cron daemon or sshd that the policy set to -1000 thus hands
+        -1000 (and the right to keep it) to every job and session it starts.
+        Such a value is ours, not the process's: an unmatched process whose
+        negative value equals the one its parent got from a lowering class
+        (or inherited the same way) gets the kernel default back."""
+        key = proc.key
+        if key in self.origin_memo:
+            return self.origin_memo[key]
+        origin = None
+        par = self.parent(proc)
+        if par is not None and depth < self.MAX_DEPTH and proc.oom_score_adj < 0:
+            pc = self.class_of(par)
+            if pc is not None:
+                if pc.oom_score_adj < 0:
+                    origin = pc.oom_score_adj
+            else:
+                origin = self.inherited_origin(par, depth + 1)
+            if origin is not None and proc.oom_score_adj != origin:
+                origin = None
+        self.origin_memo[key] = origin
+        return origin
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Decision:
+    pid: int
+    starttime: int
+    comm: str
+    uid: int
+    class_name: str | None
+    current: int  # oom_score_adj now
+    wanted: int | None  # what the policy wants; None: leave alone
+    action: str  # "set" or "skip"
+    reason: str
+    essential: bool = True
+    healer_exempt: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.starttime)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write (or, in a dry run, one write that would happen)."""
+
+    pid: int
+    starttime: int
+    comm: str
+    uid: int
+    class_name: str | None
+    old: int
+    new: int
+    reason: str
+    dry_run: bool = False
+    error: str | None = None  # set when the write failed; nothing changed then
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(proc: procfs.Proc, resolver: _Resolver) -> Decision:
+    """The policy's verdict on one process."""
+    cls = resolver.class_of(proc)
+    name = cls.name if cls is not None else None
+    base: dict[str, Any] = dict(
+        pid=proc.pid, starttime=proc.starttime, comm=proc.comm, uid=proc.uid,
+        class_name=name, current=proc.oom_score_adj,
+        essential=cls.essential if cls is not None else True,
+        healer_exempt=cls.healer_exempt if cls is not None else False,
+    )
+    if proc.pid == 1:
+        return Decision(**base, wanted=None, action="skip", reason=INIT)
+    if proc.state == "Z":
+        return Decision(**base, wanted=None, action="skip", reason=ZOMBIE)
+    if resolver.protected(proc):
+        return Decision(**base, wanted=None, action="skip", reason=PROTECTED)
+    if cls is None:
+        if resolver.inherited_origin(proc) is not None:
+            if proc.oom_score_adj == KERNEL_DEFAULT:
+                return Decision(**base, wanted=KERNEL_DEFAULT, action="skip", reason=ALREADY)
+            return Decision(**base, wanted=KERNEL_DEFAULT, action="set", reason=INHERITED)
+        return Decision(**base, wanted=None, action="skip", reason=UNMATCHED)
+    if proc.oom_score_adj == cls.oom_score_adj:
+        return Decision(**base, wanted=cls.oom_score_adj, action="skip", reason=ALREADY)
+    return Decision(**base, wanted=cls.oom_score_adj, action="set", reason=BY_CLASS)
+
+
+def plan(
+    procs: Iterable[procfs.Proc],
+    classes: tuple[PolicyClass, ...],
+    registry: RunRegistry | None,
+    *,
+    self_pid: int | None = None,
+) -> list[Decision]:
+    """A decision for every process of a snapshot, in the snapshot's order."""
+    procs = list(procs)
+    by_pid = {p.pid: p for p in procs}
+    resolver = _Resolver(classes, by_pid.get, registry, self_pid)
+    return [decide(p, resolver) for p in procs]
+
+
+def _write_checked(pid: int, starttime: int, value: int) -> None:
+    """Write through one fd of /proc/<pid>, after making sure it is still
+    the process we decided about (ProcessLookupError otherwise)."""
+    fd = procfs.open_dir(pid)
+    try:
+        if procfs.read_stat(dir_fd=fd).starttime != starttime:
+            raise ProcessLookupError(errno.ESRCH, f"pid {pid} was reused")
+        procfs.write_oom_score_adj(value, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def apply(
+    decisions: Iterable[Decision],
+    dry_run: bool = False,
+    *,
+    registry: RunRegistry | None = None,
+) -> list[Change]:
+    """Carry out the "set" decisions. Vanished processes are skipped
+    silently; other failures (EACCES for a negative value without
+    CAP_SYS_RESOURCE, ...) come back as Changes with ``error`` set. With a
+    registry, protection is checked once more right before each write, since
+    a grant may have landed after the plan was made."""
+    out: list[Change] = []
+    for d in decisions:
+        if d.action != "set" or d.wanted is None:
+            continue
+        change = Change(d.pid, d.starttime, d.comm, d.uid, d.class_name, d.current, d.wanted,
+                        d.reason, dry_run=dry_run)
+        if not dry_run:
+            try:
+                if registry is not None and _protected_now(registry, d.pid, d.starttime):
+                    continue
+                _write_checked(d.pid, d.starttime, d.wanted)
+            except (*procfs.GONE, ValueError, IndexError):
+                continue  # exited meanwhile: nothing to do
+            except OSError as e:
+                hint = " (lowering needs CAP_SYS_RESOURCE)" if e.errno in (errno.EACCES, errno.EPERM) else ""
+                change = Change(**{**asdict(change), "error": f"{e.strerror or e}{hint}"})
+        out.append(change)
+    return out
+
+
+def _protected_now(registry: RunRegistry, pid: int, starttime: int) -> bool:
+    try:
+        cg = procfs.read_cgroup(pid)
+    except (*procfs.GONE, PermissionError):
+        cg = None
+    return registry.is_protected(pid, starttime, cg)
+
+
+# ---------------------------------------------------------------- the daemon's enforcer
+
+
+@dataclass
+class EnforcerStats:
+    events: int = 0
+    polls: int = 0
+    writes: int = 0
+    errors: int = 0
+    placed: int = 0
+    place_errors: int = 0
+
+
+class Enforcer:
+    """Keeps the policy in force for processes that start later.
+
+    Event-driven: the process-event connector thread calls ``handle`` (or
+    ``on_fork`` / ``on_exec`` / ``on_exit``) for every event; each call
+    classifies and fixes one process. Fallback: ``poll_once`` every
+    poll_interval; it looks at new processes (and at those whose comm changed,
+    i.e. that exec'd) and re-checks everything every ``full_sweep_every``
+    polls to catch uid changes without exec.
+
+    ``app_cgroup`` / ``app_uid``: on a host without systemd, the app user's
+    processes are moved into the app cgroup at birth (``place``).
+    """
+
+    def __init__(
+        self,
+        classes: tuple[PolicyClass, ...],
+        registry: RunRegistry | None,
+        *,
+        app_cgroup: str | None = None,
+        app_uid: int | None = None,
+        dry_run: bool = False,
+        on_change: Callable[[Change], None] | None = None,
+        self_pid: int | None = None,
+        full_sweep_every: int = 30,
+    ):
+        self.classes = classes
+        self.registry = registry
+        self.app_cgroup = cgroups.normalize(app_cgroup) if app_cgroup else None
+        self.app_uid = app_uid
+        self.dry_run = dry_run
+        self.on_change = on_change
+        self.self_pid = os.getpid() if self_pid is None else self_pid
+        self.full_sweep_every = max(1, full_sweep_every)
+        self.stats = EnforcerStats()
+        self._lock = threading.RLock()
+        # Classes of processes seen, so that a child's parent class is a dict
+        # lookup. Keys are (pid, start time); exit events and sweeps prune it.
+        self._classes: dict[tuple[int, int], PolicyClass | None] = {}
+        # What polling saw last: pid -> (start time, comm).
+        self._seen: dict[int, tuple[int, str]] = {}
+
+    @classmethod
+    def from_config(
+        cls, config: Config, registry: RunRegistry | None, *, systemd: bool | None = None, **kw: Any
+    ) -> Enforcer:
+        from .setup import has_systemd  # local: setup imports this module
+
+        if systemd is None:
+            systemd = has_systemd()
+        try:
+            app_uid: int | None = pwd.getpwnam(config.layout.app_user).pw_uid
+        except KeyError:
+            app_uid = None
+        return cls(
+            classes_for(config),
+            registry,
+            app_cgroup=None if systemd else config.layout.app_cgroup,
+            app_uid=app_uid,
+            **kw,
+        )
+
+    # ------------------------------------------------------------ one process
+
+    def _lookup(self, pid: int) -> procfs.Proc | None:
+        return procfs.snapshot(pid)
+
+    def _resolver(self) -> _Resolver:
+        # Events reach the registry in order (on_fork tells it about every
+        # child), so walking the ancestors for protection is only needed
+        # when polling, where forks go unseen.
+        return _Resolver(self.classes, self._lookup, self.registry, self.self_pid, self._classes,
+                         follow_ancestors=False)
+
+    def check(self, pid: int, *, resolver: _Resolver | None = None) -> Decision | None:
+        """Classify one live process, fix its value and place it; the
+        decision, or None if it is gone or a kernel thread."""
+        proc = procfs.snapshot(pid)
+        if proc is None:
+            return None
+        with self._lock:
+            r = resolver or self._resolver()
+            d = decide(proc, r)
+            self._record(apply([d], self.dry_run, registry=self.registry))
+            if self.app_cgroup and d.reason != PROTECTED:
+                self._place(proc)
+            return d
+
+    def _record(self, changes: list[Change]) -> None:
+        for c in changes:
+            if c.ok:
+                self.stats.writes += 1
+                log.info("policy: pid %d (%s) %s %d -> %d", c.pid, c.comm, c.class_name or c.reason,
+                         c.old, c.new)
+            else:
+                self.stats.errors += 1
+                log.warning("policy: pid %d (%s) -> %d failed: %s", c.pid, c.comm, c.new, c.error)
+            if self.on_change is not None:
+                self.on_change(c)
+
+    def on_exec(self, pid: int) -> Decision | None:
+        """A process exec'd: its class may have changed with its binary."""
+        with self._lock:
+            self.stats.events += 1
+            for key in [k for k in self._classes if k[0] == pid]:
+                del self._classes[key]
+            return self.check(pid)
+
+    def on_fork(self, parent_pid: int, child_pid: int, *_: Any) -> Decision | None:
+        """A process forked. The child inherited its parent's value, which is
+        wrong when it belongs to another class (a php-fpm master's worker).
+        The registry learns the child first, so a protected run's children
+        are never mistaken for ordinary app processes."""
+        with self._lock:
+            self.stats.events += 1
+            if self.registry is not None:
+                self.registry.on_fork(parent_pid, procfs.starttime_of(parent_pid),
+                                      child_pid, procfs.starttime_of(child_pid))
+            return self.check(child_pid)
+
+    def on_exit(self, pid: int, *_: Any) -> None:
+        with self._lock:
+            for key in [k for k in self._classes if k[0] == pid]:
+                del self._classes[key]
+            self._seen.pop(pid, None)
+
+    def handle(self, event: tuple) -> None:
+        """A procevents tuple: ("fork", parent, child) / ("exec", pid) /
+        ("exit", pid, status). Never raises: one bad event must not stop
+        the event thread."""
+        try:
+            kind = event[0]
+            if kind == "exec":
+                self.on_exec(event[1])
+            elif kind == "fork":
+                self.on_fork(event[1], event[2])
+            elif kind == "exit":
+                self.on_exit(event[1])
+        except Exception:  # noqa: BLE001
+            log.exception("policy: event %r", event)
+
+    # ------------------------------------------------------------ placement
+
+    def place(self, pid: int) -> bool:
+        """Move an app-user process into the app cgroup; True if moved.
+
+        Only at birth does this keep the books right: memory a process has
+        already been charged stays charged to the cgroup it came from (cgroup
+        v2 does not move charges), so a process that grew elsewhere keeps
+        that memory outside the app limit until it frees it."""
+        proc = procfs.snapshot(pid)
+        if proc is None:
+            return False
+        with self._lock:
+            if self.registry is not None and self._resolver().protected(proc):
+                return False
+            return self._place(proc)
+
+    def _place(self, proc: procfs.Proc) -> bool:
+        target = self.app_cgroup
+        if target is None or self.app_uid is None or proc.uid != self.app_uid:
+            return False
+        cg = proc.cgroup or "/"
+        if cg == target or cg.startswith(target + "/"):
+            return False
+        if self.dry_run:
+            return True
+        try:
+            cgroups.move(proc.pid, target)
+        except (*procfs.GONE, ProcessLookupError):
+            return False
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                return False
+            self.stats.place_errors += 1
+            log.warning("policy: cannot move pid %d into %s: %s", proc.pid, target, e)
+            return False
+        self.stats.placed += 1
+        return True
+
+    # ------------------------------------------------------------ polling
+
+    def _stat_all(self) -> dict[int, tuple[int, str]]:
+        out: dict[int, tuple[int, str]] = {}
+        for pid in procfs.list_pids():
+            try:
+                st = procfs.read_stat(pid)
+            except (*procfs.GONE, PermissionError, ValueError, IndexError):
+                continue
+            out[pid] = (st.starttime, st.comm)
+        return out
+
+    def poll_once(self, *, full: bool | None = None) -> list[Change]:
+        """One polling round; returns the writes made (or failed)."""
+        with self._lock:
+            self.stats.polls += 1
+            if full is None:
+                full = self.stats.polls % self.full_sweep_every == 1 or not self._seen
+            now = self._stat_all()
+            if full:
+                todo = list(now)
+                self._classes.clear()  # also forgets classes from before an unseen exec
+            else:
+                todo = [pid for pid, v in now.items() if self._seen.get(pid) != v]
+                for pid, v in now.items():
+                    old = self._seen.get(pid)
+                    if old is not None and old[0] == v[0] and old[1] != v[1]:
+                        self._classes.pop((pid, v[0]), None)  # exec'd: class may differ
+            self._seen = now
+            procs = {}
+            for pid in todo:
+                p = procfs.snapshot(pid)
+                if p is not None:
+                    procs[pid] = p
+
+            def lookup(pid: int) -> procfs.Proc | None:
+                return procs.get(pid) or procfs.snapshot(pid)
+
+            r = _Resolver(self.classes, lookup, self.registry, self.self_pid, self._classes)
+            decisions = [decide(p, r) for p in procs.values()]
+            changes = apply(decisions, self.dry_run, registry=self.registry)
+            self._record(changes)
+            if self.app_cgroup:
+                for d in decisions:
+                    if d.reason != PROTECTED:
+                        self._place(procs[d.pid])
+            return changes
+
+    def run_polling(self, stop: threading.Event, interval: float) -> None:
+        """Poll until ``stop`` is set (the daemon's fallback loop)."""
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the loop must survive
+                log.exception("policy: poll")
+            stop.wait(interval)
+
+
+# ---------------------------------------------------------------- helpers for the CLI
+
+
+def show(config: Config, registry: RunRegistry | None) -> list[Decision]:
+    """``oomguard policy show``: every process with its class and values."""
+    return plan(procfs.iter_processes(), classes_for(config), registry)
+
+
+def apply_once(config: Config, registry: RunRegistry | None, dry_run: bool = False) -> list[Change]:
+    """``oomguard policy apply [--dry-run]``."""
+    return apply(show(config, registry), dry_run, registry=registry)
+
+
+def class_table(classes: Iterable[PolicyClass]) -> list[dict[str, Any]]:
+    """The classes as rows (for docs and ``policy show --classes``)."""
+    rows = []
+    for c in classes:
+        row: dict[str, Any] = {"name": c.name, "oom_score_adj": c.oom_score_adj}
+        for k in ("comm", "exe", "user", "unit", "cgroup", "parent"):
+            v = getattr(c, k)
+            if v:
+                row[k] = list(v)
+        row["essential"] = c.essential
+        row["healer_exempt"] = c.healer_exempt
+        rows.append(row)
+    return rows
+
+
+__all__ = [
+    "Change", "Decision", "Enforcer", "EnforcerStats", "apply", "apply_once", "class_table",
+    "classes_for", "decide", "default_class_tables", "default_classes", "matches", "plan", "show",
+]
