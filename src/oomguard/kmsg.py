@@ -189,6 +189,16 @@ _PREFIX_CONSTRAINT = {
 }
 
 
+def _opens_report(line: str) -> bool:
+    return (
+        line.startswith("oom-kill:")
+        or _TASK_IN.match(line) is not None
+        or _MEMCG_STATS.match(line) is not None
+        or _TABLE_HEAD.match(line) is not None
+        or _SELECT.match(line) is not None
+    )
+
+
 @dataclass
 class _Report:
     seq: int
@@ -203,6 +213,7 @@ class _Report:
     summary_uid: int | None = None
     summary_line: str | None = None
     group_cgroup: str | None = None  # set by "Tasks in X are going to be killed ... oom.group"
+    killed: set[int] = field(default_factory=set)  # victims already reported
     table_cols: list[str] | None = None
     table: dict[int, tuple[int | None, int | None]] = field(
         default_factory=dict
@@ -346,10 +357,11 @@ class OomParser:
             return
 
         if (m := _KILLED.match(line)) is not None:
-            out.append(self._killed(rec, line, m))
+            if (kill := self._killed(rec, line, m)) is not None:
+                out.append(kill)
             return
 
-        if line.startswith(_NO_KILLABLE):
+        if _NO_KILLABLE in line:  # 4.18 and older: part of the panic line
             out.append(self._livelock(rec, line))
             return
 
@@ -361,10 +373,14 @@ class OomParser:
             return
 
         if rep is None:
-            return
+            if not _opens_report(line):
+                return
+            # The middle of a report whose header we never saw (it was before
+            # the oldest record in the ring, or lost to an overrun).
+            rep = self._open = _Report(seq=rec.seq, ts_usec=rec.ts_usec)
 
         if rep.invoker_pid is None and (m := _CPU_PID.match(line)):
-            if rep.invoker_comm is None or m.group("comm") == rep.invoker_comm:
+            if m.group("comm") == rep.invoker_comm:
                 rep.invoker_pid = int(m.group("pid"))
                 rep.keep(line)
         elif line.startswith("oom-kill:"):
@@ -404,7 +420,7 @@ class OomParser:
 
     # -------------------------------------------------------------- events
 
-    def _killed(self, rec: KmsgRecord, line: str, m: re.Match[str]) -> OomKill:
+    def _killed(self, rec: KmsgRecord, line: str, m: re.Match[str]) -> OomKill | None:
         pid = int(m.group("pid"))
         comm = m.group("comm")
         nums: dict[str, int] = {}
@@ -415,7 +431,11 @@ class OomParser:
         rep, group = self._open, False
         if rep is None and self._group is not None and self._group.group_cgroup is not None:
             # Another member of a memory.oom.group cgroup: same cause, own line.
+            # 6.1 reports the first victim a second time in that scan (and
+            # counts it twice in memory.events); it is one kill.
             rep, group = self._group, True
+            if pid in rep.killed:
+                return None
         if rep is None:
             # A kill whose report header the kernel rate-limited away.
             rep = _Report(seq=rec.seq, ts_usec=rec.ts_usec)
@@ -453,6 +473,7 @@ class OomParser:
             uid, adj = rep.table[pid]
             kill.victim_uid = kill.victim_uid if kill.victim_uid is not None else uid
             kill.oom_score_adj = kill.oom_score_adj if kill.oom_score_adj is not None else adj
+        rep.killed.add(pid)
         if not group:
             self._open = None
             self._group = rep

@@ -1,0 +1,327 @@
+"""The event store: kernel OOM kills, protect grants and refusals, healer
+decisions and policy changes, in SQLite.
+
+Durability: WAL mode with ``synchronous=FULL``, so a committed event survives
+the daemon being killed at any moment and the machine losing power right
+after (the reboot after an OOM livelock is exactly when the events matter).
+Each ``add`` is one transaction; an event and the state that says it was
+recorded (such as the last kernel log sequence number) can be written in the
+same transaction, so a restart neither loses nor repeats it.
+
+Privacy: each event names the uids allowed to see it. ``query(uid=...)``
+returns only events naming that uid; ``uid=None`` (root) returns all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, parse_duration
+
+KINDS = ("oom_kill", "oom_livelock", "grant", "refusal", "run_end", "healer", "policy", "storm")
+
+# Each entry upgrades the schema by one version (PRAGMA user_version). Never
+# edit a released entry; append a new one.
+MIGRATIONS: list[str] = [
+    # 1: events, who may see them, and a small key/value state table
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX events_ts ON events (ts);
+    CREATE INDEX events_kind_ts ON events (kind, ts);
+    CREATE TABLE event_uids (
+        uid INTEGER NOT NULL,
+        event_id INTEGER NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+        PRIMARY KEY (uid, event_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX event_uids_event ON event_uids (event_id);
+    CREATE TABLE state (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (newer schema, corrupt file, ...)."""
+
+
+class EventStore:
+    """One SQLite connection guarded by a lock; safe to share between threads.
+
+    ``max_age`` (seconds) and ``max_rows`` bound what ``prune`` keeps; ``add``
+    prunes by itself every ``prune_every`` inserts."""
+
+    def __init__(self, path: str, max_age: float, max_rows: int, *, prune_every: int = 500):
+        self.path = path
+        self.max_age = max_age
+        self.max_rows = max_rows
+        self.prune_every = prune_every
+        self._lock = threading.Lock()
+        self._adds = 0
+        if path != ":memory:":
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            # Events name other users' processes: readable by root only.
+            # SQLite gives the -wal and -shm files the same mode.
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            self._setup()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise StoreError(f"{path}: {e}") from e
+
+    # -------------------------------------------------------------- setup
+
+    def _setup(self) -> None:
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this oomguard knows "
+                f"({SCHEMA_VERSION}); refusing to touch it"
+            )
+        if version == 0:
+            # Only settable before the first table exists; lets prune give
+            # pages back to the filesystem.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if self.path != ":memory:" and mode.lower() != "wal":
+            raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA journal_size_limit = 4194304")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._migrate(target)
+
+    def _migrate(self, target: int) -> None:
+        # executescript() commits on its own, so run the statements one by one
+        # inside our transaction: a crash leaves the old version intact.
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _split_sql(MIGRATIONS[target - 1]):
+                db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {target}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    # -------------------------------------------------------------- writes
+
+    def add(
+        self,
+        kind: str,
+        data: Mapping[str, Any],
+        *,
+        ts: float | None = None,
+        uids: Iterable[int] = (),
+        state: Mapping[str, str] | None = None,
+    ) -> int:
+        """Record one event and return its id. ``uids`` are the users allowed
+        to see it (root always may). ``state`` keys are set in the same
+        transaction (e.g. the kernel log position the event came from)."""
+        if not kind or not isinstance(kind, str):
+            raise ValueError("an event needs a kind")
+        text = json.dumps(dict(data), separators=(",", ":"), default=str)
+        owners = sorted({int(u) for u in uids if int(u) >= 0})
+        when = time.time() if ts is None else float(ts)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = db.execute(
+                    "INSERT INTO events (ts, kind, data) VALUES (?, ?, ?)", (when, kind, text)
+                )
+                event_id = int(cur.lastrowid or 0)
+                db.executemany(
+                    "INSERT INTO event_uids (uid, event_id) VALUES (?, ?)",
+                    [(u, event_id) for u in owners],
+                )
+                for key, value in (state or {}).items():
+                    self._set_state_locked(key, value)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._adds += 1
+            due = self.prune_every > 0 and self._adds % self.prune_every == 0
+        if due:
+            self.prune()
+        return event_id
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop events older than max_age and the oldest beyond max_rows;
+        return how many went."""
+        cutoff = (time.time() if now is None else now) - self.max_age
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
+                (count,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
+                if count > self.max_rows:
+                    gone += db.execute(
+                        "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY ts, id LIMIT ?)",
+                        (count - self.max_rows,),
+                    ).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if gone:
+                db.execute("PRAGMA incremental_vacuum").fetchall()  # frees a page per step
+        return gone
+
+    # -------------------------------------------------------------- reads
+
+    def query(
+        self,
+        *,
+        since: float | None = None,
+        kinds: Iterable[str] | None = None,
+        uid: int | None = None,
+        limit: int = 1000,
+        until: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` matching events, oldest first. ``uid=None``
+        means root (everything); otherwise only events that name ``uid``."""
+        where, args = [], []
+        if since is not None:
+            where.append("e.ts >= ?")
+            args.append(float(since))
+        if until is not None:
+            where.append("e.ts < ?")
+            args.append(float(until))
+        if kinds is not None:
+            ks = list(kinds)
+            if not ks:
+                return []
+            where.append(f"e.kind IN ({','.join('?' * len(ks))})")
+            args.extend(ks)
+        if uid is not None:
+            where.append(
+                "EXISTS (SELECT 1 FROM event_uids v WHERE v.event_id = e.id AND v.uid = ?)"
+            )
+            args.append(int(uid))
+        sql = (
+            "SELECT e.id, e.ts, e.kind, e.data, "
+            "(SELECT group_concat(u.uid) FROM event_uids u WHERE u.event_id = e.id) "
+            "FROM events e"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY e.ts DESC, e.id DESC LIMIT ?"
+        )
+        args.append(max(0, int(limit)))
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        out = []
+        for event_id, ts, kind, data, owners in reversed(rows):
+            out.append(
+                {
+                    "id": event_id,
+                    "ts": ts,
+                    "kind": kind,
+                    "uids": sorted(int(u) for u in owners.split(",")) if owners else [],
+                    "data": json.loads(data),
+                }
+            )
+        return out
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    # -------------------------------------------------------------- state
+
+    def get_state(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._lock:
+            self._set_state_locked(key, value)
+
+    def _set_state_locked(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(key), str(value)),
+        )
+
+    # -------------------------------------------------------------- misc
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass
+            self._db.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _split_sql(script: str) -> list[str]:
+    # Migrations hold plain DDL: no semicolons inside strings or triggers.
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+# ---------------------------------------------------------------- --since
+
+
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """A cutoff timestamp from ``--since``: a duration back from now ("90s",
+    "3m", "1h", "2d") or an ISO date/time ("2024-05-01", "2024-05-01 13:00",
+    "2024-05-01T13:00:00+02:00"; without a zone it is local time)."""
+    value = text.strip()
+    if not value:
+        raise ValueError("--since: empty value")
+    if _ISO_DATE.match(value):
+        try:
+            when = datetime.fromisoformat(
+                value.replace("Z", "+00:00") if value.endswith("Z") else value
+            )
+        except ValueError:
+            raise ValueError(f"--since: not an ISO date/time: {text!r}") from None
+        return when.timestamp()  # naive means local time
+    try:
+        seconds = parse_duration(value, "--since")
+    except ConfigError:
+        raise ValueError(
+            f"--since: expected a duration like 90s, 3m, 1h, 2d or an ISO date/time, got {text!r}"
+        ) from None
+    return (time.time() if now is None else now) - seconds
