@@ -626,18 +626,28 @@ class Enforcer:
                 del self._classes[key]
             self._seen.pop(pid, None)
 
+    def on_uid(self, pid: int, *_: Any) -> Decision | None:
+        """A process changed its uid (cron or sshd becoming the user before
+        exec): classes match on uid, so it is looked at like an exec."""
+        return self.on_exec(pid)
+
     def handle(self, event: tuple) -> None:
         """A procevents tuple: ("fork", parent, child) / ("exec", pid) /
-        ("exit", pid, status). Never raises: one bad event must not stop
-        the event thread."""
+        ("uid", pid, ruid, euid) / ("exit", pid, status) / ("lost",). Lost
+        events mean a full polling round. Never raises: one bad event must
+        not stop the event thread."""
         try:
             kind = event[0]
             if kind == "exec":
                 self.on_exec(event[1])
             elif kind == "fork":
                 self.on_fork(event[1], event[2])
+            elif kind == "uid":
+                self.on_uid(event[1])
             elif kind == "exit":
                 self.on_exit(event[1])
+            elif kind == "lost":
+                self.poll_once(full=True)
         except Exception:  # noqa: BLE001
             log.exception("policy: event %r", event)
 

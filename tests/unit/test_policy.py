@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from oomguard import cgroups, policy, procfs
-from oomguard.config import Config, ConfigError, LayoutConfig, PolicyConfig, parse, parse_policy_class
+from oomguard.config import (
+    Config,
+    ConfigError,
+    LayoutConfig,
+    PolicyConfig,
+    parse,
+    parse_policy_class,
+)
 from oomguard.runs import Run, RunRegistry
 
 ROOT, NOBODY = 0, pwd.getpwnam("nobody").pw_uid
@@ -521,3 +528,17 @@ def test_from_config_without_systemd_places_into_the_app_cgroup():
     assert policy.Enforcer.from_config(cfg, None, systemd=True).app_cgroup is None
     missing = Config(layout=LayoutConfig(app_user="no-such-user-oomg"))
     assert policy.Enforcer.from_config(missing, None, systemd=False).app_uid is None
+
+
+def test_enforcer_handles_uid_changes_and_lost_events(tmp_path, sleeper_bin, monkeypatch):
+    enf = policy.Enforcer(_test_classes(300), None)
+    a = _spawn_sleep(tmp_path, sleeper_bin)
+    try:
+        enf.handle(("uid", a.pid, 65534, 65534))
+        assert procfs.read_oom_score_adj(a.pid) == 300
+        fulls = []
+        monkeypatch.setattr(enf, "poll_once", lambda full=None: fulls.append(full))
+        enf.handle(("lost",))
+        assert fulls == [True]
+    finally:
+        _reap(a)

@@ -1,0 +1,336 @@
+"""The data behind ``oomguard top``: processes in the order the OOM killer
+would take them.
+
+Global ranking (no cgroup): by /proc/<pid>/oom_score, the kernel's own
+number. oom_score is badness scaled to 0..2000 and so coarse (one step is
+1.5 per mille of RAM+swap); ties are broken by what stat gives for free,
+resident pages plus the adjustment in pages, and then by start time, since
+the kernel's scan keeps the *last* task with the highest points and scans
+processes in creation order.
+
+Cgroup ranking (``--cgroup PATH``), as mm/oom_kill.c does for an OOM inside
+that memory cgroup (Linux 6.1):
+
+    points = rss + swapents + pgtables_bytes / PAGE_SIZE          (pages)
+    points += oom_score_adj * (totalpages / 1000)                 (integer division first)
+    totalpages = memory.max (+ min(memory.swap.max, total swap) if swappiness)
+
+only tasks in the cgroup's subtree are candidates, init and kernel threads
+never are, and neither is any task with oom_score_adj -1000. The kernel
+scans the subtree parent first, each cgroup's tasks in cgroup.procs order,
+and keeps the last of equal scores; ties here follow that order.
+
+What cannot be seen from user space is left out: MMF_OOM_SKIP (a victim
+being reaped), tasks in vfork, and oom_task_origin (swapoff).
+
+Speed: one directory listing, then per process only the files needed. The
+global ranking reads stat, oom_score and oom_score_adj, plus status only for
+processes whose /proc directory is owned by root, because the kernel shows a
+non-dumpable process (a php-fpm or nginx worker after setuid) as root there.
+The cgroup ranking reads status and oom_score_adj of the subtree's
+processes only. Readers here are private and minimal on purpose (see the
+module's note on primitives for procfs.py).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import cgroups, procfs
+
+PF_KTHREAD = 0x00200000
+OOM_SCORE_ADJ_MIN = -1000
+_O_RDONLY = os.O_RDONLY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    pid: int
+    uid: int
+    user: str
+    comm: str
+    adj: int
+    rss_kb: int
+    oom_score: int | None  # /proc/<pid>/oom_score (global ranking)
+    points: int | None  # kernel badness in pages (cgroup ranking; estimate in the global one)
+    killable: bool  # False: the OOM killer never picks it (-1000, init)
+    rank: int | None = None  # 1 is the next victim; None if never picked
+    starttime: int = 0  # global ranking: clock ticks after boot
+    swap_kb: int | None = None
+    pte_kb: int | None = None
+    scan: int = 0  # cgroup ranking: position in the kernel's scan order
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    entries: list[Entry]
+    cgroup: str | None  # None: a global OOM
+    totalpages: int  # what oom_score_adj is scaled by (pages)
+    page_size: int
+
+    @property
+    def victims(self) -> list[Entry]:
+        return [e for e in self.entries if e.killable]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cgroup": self.cgroup,
+            "totalpages": self.totalpages,
+            "page_size": self.page_size,
+            "entries": [e.as_dict() for e in self.entries],
+        }
+
+
+# ---------------------------------------------------------------- private readers
+# Candidates for procfs.py / cgroups.py: status fields beyond procfs.Status
+# (VmSwap, VmPTE, effective uid), memory.swap.max, vm.swappiness.
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, _O_RDONLY)
+    try:
+        return os.read(fd, 8192)
+    finally:
+        os.close(fd)
+
+
+def _status_fields(data: bytes) -> tuple[str, int, int, int | None, int | None, int]:
+    """(name, euid, VmRSS kB, VmSwap kB, VmPTE kB, PPid) from /proc/<pid>/status.
+    Vm* lines are missing for kernel threads and zombies (no mm)."""
+    name = ""
+    euid = -1
+    rss = 0
+    swap = pte = None
+    ppid = 0
+    for line in data.split(b"\n"):
+        c = line[:3]
+        if c == b"Nam":
+            name = line[6:].decode("utf-8", "replace")
+        elif c == b"Uid":
+            euid = int(line.split()[2])
+        elif c == b"PPi":
+            ppid = int(line[5:])
+        elif c == b"VmR":
+            rss = int(line[6:].split()[0])
+        elif c == b"VmP" and line.startswith(b"VmPTE"):
+            pte = int(line[6:].split()[0])
+        elif c == b"VmS" and line.startswith(b"VmSwap"):
+            swap = int(line[7:].split()[0])
+    return name, euid, rss, swap, pte, ppid
+
+
+def _swap_max_pages(cgroup: str, page_size: int) -> int | None:
+    """memory.swap.max in pages; None for "max" or no such file."""
+    try:
+        text = (cgroups.path(cgroup) / "memory.swap.max").read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text) // page_size
+
+
+def _swappiness() -> int:
+    try:
+        return int(_read(f"{procfs.PROC}/sys/vm/swappiness"))
+    except (OSError, ValueError):
+        return 60
+
+
+class _Users:
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+
+    def __call__(self, uid: int) -> str:
+        name = self.names.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self.names[uid] = name
+        return name
+
+
+# ---------------------------------------------------------------- totals
+
+
+def total_pages(page_size: int | None = None) -> int:
+    """totalram_pages + total_swap_pages: what a global OOM scales by."""
+    ps = page_size or procfs.PAGE_SIZE
+    mi = procfs.meminfo()
+    return (mi.get("MemTotal", 0) + mi.get("SwapTotal", 0)) // ps
+
+
+def cgroup_total_pages(cgroup: str, page_size: int | None = None) -> int:
+    """mem_cgroup_get_max() of the cgroup an OOM happens in, for cgroup v2:
+    memory.max plus, if the kernel may swap, min(memory.swap.max, swap).
+
+    A cgroup without a limit of its own cannot run out by itself; an OOM
+    there is one of the nearest limited ancestor, whose limit is used then,
+    and all of RAM+swap if there is none."""
+    ps = page_size or procfs.PAGE_SIZE
+    limit = cgroups.memory_max(cgroup)
+    if limit is None:
+        limit = cgroups.effective_memory_limit(cgroup)
+    if limit is None:
+        return total_pages(ps)
+    pages = limit // ps
+    swap_total = procfs.meminfo().get("SwapTotal", 0) // ps
+    if swap_total and _swappiness():
+        swap_max = _swap_max_pages(cgroup, ps)
+        pages += swap_total if swap_max is None else min(swap_max, swap_total)
+    return pages or 1
+
+
+def badness(rss_pages: int, swap_pages: int, pte_pages: int, adj: int, totalpages: int) -> int | None:
+    """oom_badness(): None where the kernel returns LONG_MIN (adj -1000)."""
+    if adj <= OOM_SCORE_ADJ_MIN:
+        return None
+    return rss_pages + swap_pages + pte_pages + adj * (totalpages // 1000)
+
+
+def oom_score(points: int | None, totalpages: int) -> int:
+    """What /proc/<pid>/oom_score shows for these badness points."""
+    if points is None:
+        return 0
+    # C division truncates toward zero.
+    q = abs(points) * 1000 // totalpages
+    q = q if points >= 0 else -q
+    v = (1000 + q) * 2
+    return max(0, v // 3 if v >= 0 else -((-v) // 3))
+
+
+# ---------------------------------------------------------------- ranking
+
+
+def _sort(entries: list[Entry], key: Any) -> list[Entry]:
+    killable = sorted((e for e in entries if e.killable), key=key, reverse=True)
+    never = sorted((e for e in entries if not e.killable), key=lambda e: (-e.rss_kb, e.pid))
+    out = [_with_rank(e, i + 1) for i, e in enumerate(killable)]
+    return out + never
+
+
+def _with_rank(e: Entry, rank: int) -> Entry:
+    return Entry(e.pid, e.uid, e.user, e.comm, e.adj, e.rss_kb, e.oom_score, e.points,
+                 e.killable, rank, e.starttime, e.swap_kb, e.pte_kb, e.scan)
+
+
+def rank_global(include_kernel_threads: bool = False) -> Ranking:
+    """Every process in the order a global OOM would take it."""
+    ps = procfs.PAGE_SIZE
+    totalpages = total_pages(ps)
+    per_adj = totalpages // 1000
+    users = _Users()
+    proc = procfs.PROC
+    entries: list[Entry] = []
+    append = entries.append
+    open_, read, close, stat = os.open, os.read, os.close, os.stat
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        base = f"{proc}/{name}/"
+        try:
+            fd = open_(base + "stat", _O_RDONLY)
+            try:
+                data = read(fd, 4096)
+            finally:
+                close(fd)
+            head, _, tail = data.rpartition(b")")
+            f = tail.split()
+            flags = int(f[6])
+            pid = int(name)
+            if flags & PF_KTHREAD and not include_kernel_threads:
+                continue
+            fd = open_(base + "oom_score", _O_RDONLY)
+            try:
+                score = int(read(fd, 32))
+            finally:
+                close(fd)
+            fd = open_(base + "oom_score_adj", _O_RDONLY)
+            try:
+                adj = int(read(fd, 32))
+            finally:
+                close(fd)
+            uid = stat(base).st_uid
+            if uid == 0:
+                # Root-owned can mean non-dumpable; status has the truth.
+                uid = _status_fields(_read(base + "status"))[1]
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+            continue  # gone meanwhile, or unreadable
+        comm = head.partition(b" (")[2].decode("utf-8", "replace")
+        rss_pages = int(f[21])
+        kthread = bool(flags & PF_KTHREAD)
+        killable = not kthread and pid != 1 and adj > OOM_SCORE_ADJ_MIN
+        append(Entry(pid, uid, users(uid), comm, adj, rss_pages * ps // 1024, score,
+                     rss_pages + adj * per_adj if killable else None, killable,
+                     None, int(f[19])))
+    ranked = _sort(entries, key=lambda e: (e.oom_score, e.points, e.starttime))
+    return Ranking(ranked, None, totalpages, ps)
+
+
+def rank_cgroup(cgroup: str) -> Ranking:
+    """The processes of a cgroup's subtree in the order an OOM of that cgroup
+    would take them."""
+    cg = cgroups.normalize(cgroup)
+    if not cgroups.exists(cg):
+        raise FileNotFoundError(f"no cgroup {cg}")
+    ps = procfs.PAGE_SIZE
+    kb_per_page = ps // 1024
+    totalpages = cgroup_total_pages(cg, ps)
+    users = _Users()
+    proc = procfs.PROC
+    entries: list[Entry] = []
+    # cgroups.procs_recursive walks parent first, each cgroup.procs in the
+    # order the kernel iterates; the position breaks ties like the kernel.
+    for order, pid in enumerate(cgroups.procs_recursive(cg)):
+        base = f"{proc}/{pid}/"
+        try:
+            name, euid, rss, swap, pte, _ppid = _status_fields(_read(base + "status"))
+            adj = int(_read(base + "oom_score_adj"))
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+            continue
+        if swap is None and pte is None:
+            continue  # no mm: a kernel thread or a zombie, never a candidate
+        pte_pages = (pte or 0) * 1024 // ps
+        points = badness(rss // kb_per_page, (swap or 0) // kb_per_page, pte_pages, adj, totalpages)
+        killable = pid != 1 and points is not None
+        entries.append(Entry(pid, euid, users(euid), name, adj, rss, None, points, killable,
+                             None, 0, swap, pte, order))
+    # Of equal points the kernel keeps the one scanned last.
+    ranked = _sort(entries, key=lambda e: (e.points, e.scan))
+    return Ranking(ranked, cg, totalpages, ps)
+
+
+def rank(cgroup: str | None = None, *, include_kernel_threads: bool = False) -> Ranking:
+    """``oomguard top [--cgroup PATH]``."""
+    if cgroup is None:
+        return rank_global(include_kernel_threads)
+    return rank_cgroup(cgroup)
+
+
+def format_table(r: Ranking, limit: int | None = None) -> str:
+    """A plain table, next victim first."""
+    rows = r.entries[:limit] if limit else r.entries
+    score_head = "POINTS" if r.cgroup else "SCORE"
+    lines = [f"{'#':>5} {'PID':>7} {score_head:>10} {'ADJ':>5} {'RSS':>10} {'USER':<12} COMMAND"]
+    for e in rows:
+        score = e.points if r.cgroup else e.oom_score
+        lines.append(
+            f"{e.rank if e.rank is not None else 'never':>5} {e.pid:>7} "
+            f"{score if score is not None else '-':>10} {e.adj:>5} {_human_kb(e.rss_kb):>10} "
+            f"{e.user[:12]:<12} {e.comm}"
+        )
+    return "\n".join(lines)
+
+
+def _human_kb(kb: int) -> str:
+    for unit in ("K", "M", "G"):
+        if kb < 10240:
+            return f"{kb}{unit}"
+        kb //= 1024
+    return f"{kb}T"
