@@ -1,0 +1,306 @@
+"""``oomguard setup``: the memory layout that makes the policy mean something.
+
+The app user's processes run in a memory-limited group (RAM minus a reserve
+for the system), so that root automation keeps room whatever the app does,
+and the services live there with OOMScoreAdjust= from the policy.
+
+On a systemd host this is a set of unit files and drop-ins
+(``render_units``). On a host without systemd (the test guest) it is the app
+cgroup, made directly in cgroup v2 (``render_cgroup_steps``); the daemon
+then moves the app user's new processes into it at birth
+(policy.Enforcer.place).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import TextIO
+
+from . import cgroups, procfs
+from .config import Config, PolicyClass
+
+UNIT_DIR = "/etc/systemd/system"
+DROPIN_NAME = "oomguard.conf"
+DEFAULT_EXEC = "/usr/bin/oomguard"
+AUTO = -1  # apply_layout(app_uid=AUTO): look the app user up
+HEADER = "# Written by `oomguard setup`; rerunning it overwrites this file.\n"
+
+# Which policy class a known service's main process belongs to. A service
+# not listed here takes the first class whose `unit` globs match its name.
+SERVICE_CLASSES: tuple[tuple[str, str], ...] = (
+    ("nginx*.service", "nginx-master"),
+    ("php*-fpm*.service", "php-fpm-master"),
+    ("mariadb*.service", "database"),
+    ("mysql*.service", "database"),
+)
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+def has_systemd() -> bool:
+    """sd_booted(): systemd is PID 1."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def slice_cgroup(slice_name: str) -> str:
+    """The cgroup path of a slice: dashes nest ("a-b.slice" is
+    /a.slice/a-b.slice), which is where the app slice's processes show up."""
+    stem = slice_name.removesuffix(".slice")
+    if not stem or stem == "-":
+        return "/"
+    parts = stem.split("-")
+    return "/" + "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def app_limit(config: Config, ram_bytes: int) -> int:
+    """MemoryMax of the app group: RAM minus the system reserve."""
+    limit = ram_bytes - config.layout.system_reserve
+    if limit < 64 << 20:
+        raise SetupError(
+            f"layout.system_reserve ({config.layout.system_reserve} bytes) leaves less than 64M "
+            f"of {ram_bytes} bytes RAM for the app"
+        )
+    return limit
+
+
+def service_value(service: str, classes: tuple[PolicyClass, ...]) -> int | None:
+    """OOMScoreAdjust= for a service: its main process's class value."""
+    by_name = {c.name: c for c in classes}
+    for pattern, name in SERVICE_CLASSES:
+        if fnmatchcase(service, pattern) and name in by_name:
+            return by_name[name].oom_score_adj
+    for c in classes:
+        if any(fnmatchcase(service, u) for u in c.unit):
+            return c.oom_score_adj
+    return None
+
+
+# ---------------------------------------------------------------- systemd
+
+
+def render_units(
+    config: Config,
+    ram_bytes: int,
+    app_uid: int | None,
+    *,
+    exec_start: str = DEFAULT_EXEC,
+    classes: tuple[PolicyClass, ...] | None = None,
+) -> dict[str, str]:
+    """Every file for a systemd host: absolute path -> text.
+
+    - the app slice, MemoryMax = RAM - layout.system_reserve;
+    - a drop-in per service in layout.services: Slice= the app slice and
+      OOMScoreAdjust= from the policy;
+    - oomguard.service, outside the app slice, OOMScoreAdjust=-1000, with a
+      MemoryMin= reservation, and a system.slice drop-in that reserves the
+      same amount there (a cgroup's memory.min only protects as far as its
+      ancestors' does);
+    - a drop-in for user-UID.slice of the app user, since logind puts
+      sessions there whatever slice we would like (skipped if app_uid is None).
+    """
+    if classes is None:
+        from .policy import classes_for  # local: policy imports this module lazily too
+
+        classes = classes_for(config)
+    lay = config.layout
+    limit = app_limit(config, ram_bytes)
+    files: dict[str, str] = {}
+    files[f"{UNIT_DIR}/{lay.app_slice}"] = (
+        HEADER
+        + "[Unit]\n"
+        + f"Description=oomguard: processes of the app user {lay.app_user}, limited to RAM minus the system reserve\n"
+        + "Before=slices.target\n"
+        + "\n[Slice]\n"
+        + "MemoryAccounting=yes\n"
+        + f"MemoryMax={limit}\n"
+    )
+    for service in lay.services:
+        value = service_value(service, classes)
+        text = HEADER + "[Service]\n" + f"Slice={lay.app_slice}\n"
+        if value is not None:
+            text += f"OOMScoreAdjust={value}\n"
+        files[f"{UNIT_DIR}/{service}.d/{DROPIN_NAME}"] = text
+    files[f"{UNIT_DIR}/oomguard.service"] = (
+        HEADER
+        + "[Unit]\n"
+        + "Description=oomguard: protected runs, service priorities, auto-healer and OOM forensics\n"
+        + "After=local-fs.target\n"
+        + "\n[Service]\n"
+        + "Type=simple\n"
+        + f"ExecStart={exec_start} daemon\n"
+        + "Restart=always\n"
+        + "RestartSec=1s\n"
+        + "# Outside the app slice, never an OOM victim, with memory of its own.\n"
+        + "Slice=system.slice\n"
+        + "OOMScoreAdjust=-1000\n"
+        + "MemoryAccounting=yes\n"
+        + f"MemoryMin={lay.daemon_memory_min}\n"
+        + "RuntimeDirectory=oomguard\n"
+        + "RuntimeDirectoryPreserve=yes\n"
+        + "StateDirectory=oomguard\n"
+        + "\n[Install]\n"
+        + "WantedBy=multi-user.target\n"
+    )
+    files[f"{UNIT_DIR}/system.slice.d/{DROPIN_NAME}"] = (
+        HEADER
+        + "# memory.min is only as good as the ancestors': reserve the daemon's share here too.\n"
+        + "[Slice]\n"
+        + "MemoryAccounting=yes\n"
+        + f"MemoryMin={lay.daemon_memory_min}\n"
+    )
+    if app_uid is not None:
+        files[f"{UNIT_DIR}/user-{app_uid}.slice.d/{DROPIN_NAME}"] = (
+            HEADER
+            + f"# logind puts {lay.app_user}'s sessions here, not in {lay.app_slice}.\n"
+            + "[Slice]\n"
+            + "MemoryAccounting=yes\n"
+            + f"MemoryMax={limit}\n"
+        )
+    return files
+
+
+def write_files(files: dict[str, str], root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Write the files (under ``root`` if given) atomically; returns the paths."""
+    out = []
+    for path, text in sorted(files.items()):
+        target = Path(root, path.lstrip("/")) if root else Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+        out.append(target)
+    return out
+
+
+# ---------------------------------------------------------------- no systemd
+
+
+@dataclass(frozen=True)
+class Step:
+    """One cgroupfs change for a host without systemd."""
+
+    kind: str  # "enable", "create", "limit"
+    cgroup: str
+    value: str
+
+    def describe(self) -> str:
+        where = cgroups.path(self.cgroup)
+        if self.kind == "enable":
+            return f"write {where}/cgroup.subtree_control: {self.value}"
+        if self.kind == "create":
+            return f"mkdir {where}"
+        return f"write {where}/memory.max: {self.value}"
+
+
+def render_cgroup_steps(config: Config, ram_bytes: int) -> list[Step]:
+    """The app cgroup with memory.max, the memory controller enabled on the
+    way down. Pure: describes, does not touch."""
+    target = cgroups.normalize(config.layout.app_cgroup)
+    parts = target.strip("/").split("/")
+    steps = []
+    parent = "/"
+    for i, _part in enumerate(parts):
+        child = "/" + "/".join(parts[: i + 1])
+        steps.append(Step("enable", parent, "+memory"))
+        steps.append(Step("create", child, ""))
+        parent = child
+    steps.append(Step("limit", target, str(app_limit(config, ram_bytes))))
+    return steps
+
+
+def apply_cgroup_steps(steps: list[Step]) -> None:
+    for s in steps:
+        if s.kind == "enable":
+            cgroups.enable_controllers(s.cgroup, ["memory"])
+        elif s.kind == "create":
+            cgroups.create(s.cgroup)
+        elif s.kind == "limit":
+            cgroups.set_memory_max(s.cgroup, int(s.value))
+
+
+# ---------------------------------------------------------------- the command
+
+
+def ram_bytes() -> int:
+    return procfs.meminfo()["MemTotal"]
+
+
+def app_uid_of(config: Config) -> int | None:
+    try:
+        return pwd.getpwnam(config.layout.app_user).pw_uid
+    except KeyError:
+        return None
+
+
+def default_exec() -> str:
+    return shutil.which("oomguard") or DEFAULT_EXEC
+
+
+def apply_layout(
+    config: Config,
+    *,
+    dry_run: bool = False,
+    root: str | os.PathLike[str] | None = None,
+    systemd: bool | None = None,
+    ram: int | None = None,
+    app_uid: int | None = AUTO,
+    exec_start: str | None = None,
+    run: Callable[[list[str]], object] | None = None,
+    out: TextIO | None = None,
+) -> dict[str, str] | list[Step]:
+    """Do (or with dry_run, print) the layout; returns what it rendered.
+
+    ``root``: write the unit files under this directory and do nothing else
+    (for images and for review); implies the systemd layout. Without it the
+    host decides: systemd units and ``systemctl daemon-reload`` +
+    ``enable --now oomguard.service``, or the app cgroup. Services keep
+    their old slice until they restart; setup does not restart them."""
+    out = out or sys.stdout
+    ram = ram if ram is not None else ram_bytes()
+    uid = app_uid_of(config) if app_uid == AUTO else app_uid
+    if systemd is None:
+        systemd = True if root is not None else has_systemd()
+    if not systemd:
+        steps = render_cgroup_steps(config, ram)
+        if dry_run:
+            out.write("# no systemd: the app cgroup, directly in cgroup v2\n")
+            for s in steps:
+                out.write(s.describe() + "\n")
+            out.write(f"# then `oomguard daemon` moves {config.layout.app_user}'s new processes into it\n")
+        else:
+            if not cgroups.is_v2():
+                raise SetupError(f"{cgroups.ROOT} is not a cgroup v2 mount")
+            apply_cgroup_steps(steps)
+            out.write(f"created {cgroups.path(config.layout.app_cgroup)} with memory.max={steps[-1].value}\n")
+        return steps
+    files = render_units(config, ram, uid, exec_start=exec_start or default_exec())
+    if uid is None:
+        out.write(f"# note: user {config.layout.app_user!r} does not exist; no user slice drop-in\n")
+    if dry_run:
+        for path, text in sorted(files.items()):
+            shown = Path(root, path.lstrip("/")) if root else path
+            out.write(f"==> {shown} <==\n{text}\n")
+        return files
+    written = write_files(files, root)
+    for p in written:
+        out.write(f"wrote {p}\n")
+    if root is None:
+        runner = run or (lambda argv: subprocess.run(argv, check=True))
+        runner(["systemctl", "daemon-reload"])
+        runner(["systemctl", "enable", "--now", "oomguard.service"])
+        out.write(
+            "restart " + " ".join(config.layout.services)
+            + " when convenient to move them into " + config.layout.app_slice + "\n"
+        )
+    return files

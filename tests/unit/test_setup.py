@@ -1,0 +1,257 @@
+"""Setup: the rendered units, checked by systemd-analyze verify (which must
+also reject a broken unit), the --dry-run / --root outputs, and the cgroup
+layout for hosts without systemd on a staged cgroupfs."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from oomguard import cgroups, setup
+from oomguard.config import Config, LayoutConfig, parse, parse_policy_class
+
+GIB = 1 << 30
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+def config(**layout) -> Config:
+    base = {"app_user": "nobody", "system_reserve": "1G", "daemon_memory_min": "96M"}
+    base.update(layout)
+    return parse({"layout": base})
+
+
+def units(cfg: Config | None = None, ram: int = 8 * GIB, uid: int | None = 65534, **kw) -> dict[str, str]:
+    return setup.render_units(cfg or config(), ram, uid, **kw)
+
+
+def ini(text: str) -> dict[str, str]:
+    """key -> value of a unit's assignments (ours have no repeated keys)."""
+    return dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
+
+
+# ---------------------------------------------------------------- the rendered units
+
+
+def test_the_app_slice_gets_ram_minus_the_reserve():
+    files = units()
+    d = ini(files["/etc/systemd/system/oomguard-app.slice"])
+    assert d["MemoryMax"] == str(7 * GIB) and d["MemoryAccounting"] == "yes"
+    user = ini(files["/etc/systemd/system/user-65534.slice.d/oomguard.conf"])
+    assert user["MemoryMax"] == str(7 * GIB)
+
+
+def test_services_get_the_policy_values_and_the_app_slice():
+    files = units()
+    values = {}
+    for service in ("nginx.service", "php8.2-fpm.service", "mariadb.service"):
+        d = ini(files[f"/etc/systemd/system/{service}.d/oomguard.conf"])
+        assert d["Slice"] == "oomguard-app.slice"
+        values[service] = int(d["OOMScoreAdjust"])
+    assert values["nginx.service"] == -800 and values["php8.2-fpm.service"] == -900
+    if setup.service_value("mariadb.service", setup_classes()) is not None:
+        assert values["mariadb.service"] == -1000
+
+
+def setup_classes():
+    from oomguard.policy import default_classes
+
+    return default_classes(config())
+
+
+def test_values_follow_a_configured_policy():
+    classes = (
+        parse_policy_class({"name": "nginx-master", "oom_score_adj": -300, "user": ["root"],
+                            "exe": ["/usr/sbin/nginx"]}, "a"),
+        parse_policy_class({"name": "redis", "oom_score_adj": -200, "user": ["root"],
+                            "unit": ["redis*.service"]}, "b"),
+    )
+    cfg = config(services=["nginx.service", "redis-server.service", "varnish.service"])
+    files = units(cfg, classes=classes)
+    assert ini(files["/etc/systemd/system/nginx.service.d/oomguard.conf"])["OOMScoreAdjust"] == "-300"
+    assert ini(files["/etc/systemd/system/redis-server.service.d/oomguard.conf"])["OOMScoreAdjust"] == "-200"
+    varnish = ini(files["/etc/systemd/system/varnish.service.d/oomguard.conf"])
+    assert "OOMScoreAdjust" not in varnish and varnish["Slice"] == "oomguard-app.slice"
+
+
+def test_the_daemon_unit():
+    files = units(exec_start="/opt/oomguard/bin/oomguard")
+    d = ini(files["/etc/systemd/system/oomguard.service"])
+    assert d["ExecStart"] == "/opt/oomguard/bin/oomguard daemon"
+    assert d["OOMScoreAdjust"] == "-1000"
+    assert d["Slice"] == "system.slice" != "oomguard-app.slice"
+    assert d["MemoryMin"] == str(96 << 20)
+    # memory.min protects only as far as the parent's does
+    assert ini(files["/etc/systemd/system/system.slice.d/oomguard.conf"])["MemoryMin"] == str(96 << 20)
+
+
+def test_no_user_slice_without_the_user_and_a_reserve_too_big():
+    assert not any("user-" in p for p in units(uid=None))
+    with pytest.raises(setup.SetupError, match="system_reserve"):
+        units(ram=GIB)
+
+
+def test_slice_cgroup_paths():
+    assert setup.slice_cgroup("oomguard-app.slice") == "/oomguard.slice/oomguard-app.slice"
+    assert setup.slice_cgroup("shop.slice") == "/shop.slice"
+    assert setup.slice_cgroup("-.slice") == "/"
+
+
+# ---------------------------------------------------------------- systemd-analyze verify
+
+
+def verify(files: dict[str, str], tmp: Path) -> list[str]:
+    """Problems systemd-analyze reports about our files (empty: valid).
+
+    The units go into a private unit directory searched before the system's
+    (SYSTEMD_UNIT_PATH with a trailing ':'); services that only get a drop-in
+    get a stub, so the check does not depend on nginx being installed. A
+    unit's problems are warnings with its path and exit status 0, so every
+    line naming a file of ours counts, as does a non-zero exit."""
+    setup.write_files(files, tmp)
+    unit_dir = tmp / "etc/systemd/system"
+    stubs = tmp / "stubs"
+    stubs.mkdir()
+    names = []
+    for path in files:
+        rel = Path(path).relative_to(setup.UNIT_DIR)
+        name = rel.parts[0].removesuffix(".d") if rel.parts[0].endswith(".d") else rel.name
+        names.append(name)
+        if name.endswith(".service") and not (unit_dir / name).exists():
+            (stubs / name).write_text("[Service]\nExecStart=/bin/true\n")
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:{stubs}:", "SYSTEMD_LOG_COLOR": "0"}
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", "--generators=no", *sorted(set(names))],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    lines = (proc.stdout + proc.stderr).splitlines()
+    problems = [ln for ln in lines if str(tmp) in ln]
+    if proc.returncode != 0:
+        problems.append(f"exit status {proc.returncode}: {lines}")
+    return problems
+
+
+needs_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
+
+
+@needs_analyze
+def test_generated_units_verify(tmp_path):
+    exe = tmp_path / "oomguard"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    files = units(exec_start=str(exe))
+    assert verify(files, tmp_path) == []
+
+
+@needs_analyze
+@pytest.mark.parametrize(
+    "path, text",
+    [
+        ("/etc/systemd/system/oomguard-app.slice", "[Slice]\nMemoryMax=lots\n"),
+        ("/etc/systemd/system/nginx.service.d/oomguard.conf", "[Service]\nOOMScoreAdjust=-5000\n"),
+        ("/etc/systemd/system/oomguard.service", "[Service]\nExecStart=/nonexistent/oomguard daemon\n"),
+        ("/etc/systemd/system/user-65534.slice.d/oomguard.conf", "[Slice]\nMemoryMaximum=1\n"),
+    ],
+)
+def test_verify_rejects_a_broken_unit(tmp_path, path, text):
+    exe = tmp_path / "oomguard"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    files = units(exec_start=str(exe))
+    files[path] = text
+    assert verify(files, tmp_path) != []
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_dry_run_prints_every_file_and_writes_nothing(tmp_path):
+    out = io.StringIO()
+    files = setup.apply_layout(config(), dry_run=True, systemd=True, ram=8 * GIB, app_uid=65534,
+                               exec_start="/usr/bin/oomguard", out=out,
+                               run=lambda argv: pytest.fail(f"ran {argv}"))
+    text = out.getvalue()
+    for path, body in files.items():
+        assert f"==> {path} <==" in text and body in text
+    assert "MemoryMax=" + str(7 * GIB) in text
+
+
+def test_root_writes_under_the_directory_only(tmp_path):
+    out = io.StringIO()
+    files = setup.apply_layout(config(), root=tmp_path, ram=8 * GIB, app_uid=65534,
+                               exec_start="/usr/bin/oomguard", out=out,
+                               run=lambda argv: pytest.fail(f"ran {argv}"))
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(p.lstrip("/") for p in files)
+    for path, body in files.items():
+        assert (tmp_path / path.lstrip("/")).read_text() == body
+    assert not list(tmp_path.rglob(".*.tmp"))
+    # rerunning gives the same files
+    again = setup.apply_layout(config(), root=tmp_path, ram=8 * GIB, app_uid=65534,
+                               exec_start="/usr/bin/oomguard", out=io.StringIO())
+    assert again == files
+
+
+def test_a_real_systemd_install_reloads_and_enables(tmp_path, monkeypatch):
+    monkeypatch.setattr(setup, "write_files", lambda files, root=None: [Path(p) for p in files])
+    ran = []
+    setup.apply_layout(config(), systemd=True, ram=8 * GIB, app_uid=65534, exec_start="/x",
+                       run=ran.append, out=io.StringIO())
+    assert ran == [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "oomguard.service"]]
+
+
+# ---------------------------------------------------------------- without systemd
+
+
+@pytest.fixture
+def cgroupfs(tmp_path, monkeypatch):
+    """A staged cgroup v2 mount: mkdir makes the interface files, as the
+    kernel does."""
+    root = tmp_path / "cg"
+    root.mkdir()
+    for name in ("cgroup.controllers", "cgroup.subtree_control", "cgroup.procs"):
+        (root / name).write_text("memory pids\n" if name == "cgroup.controllers" else "")
+    monkeypatch.setattr(cgroups, "ROOT", root)
+    real_create = cgroups.create
+
+    def create(cg, mode=0o755):
+        real_create(cg, mode)
+        for name in ("cgroup.subtree_control", "cgroup.procs", "memory.max"):
+            f = cgroups.path(cg) / name
+            if not f.exists():
+                f.write_text("max\n" if name == "memory.max" else "")
+
+    monkeypatch.setattr(cgroups, "create", create)
+    return root
+
+
+def test_cgroup_layout_dry_run_then_real(cgroupfs):
+    cfg = config(app_cgroup="shop/app")
+    out = io.StringIO()
+    steps = setup.apply_layout(cfg, dry_run=True, systemd=False, ram=8 * GIB, out=out)
+    assert [(s.kind, s.cgroup) for s in steps] == [
+        ("enable", "/"), ("create", "/shop"), ("enable", "/shop"), ("create", "/shop/app"),
+        ("limit", "/shop/app"),
+    ]
+    assert not (cgroupfs / "shop").exists()
+    assert f"{cgroupfs}/shop/app/memory.max: {7 * GIB}" in out.getvalue()
+    setup.apply_layout(cfg, systemd=False, ram=8 * GIB, out=io.StringIO())
+    assert (cgroupfs / "shop/app/memory.max").read_text() == str(7 * GIB)
+    assert (cgroupfs / "cgroup.subtree_control").read_text() == "+memory"
+    assert (cgroupfs / "shop/cgroup.subtree_control").read_text() == "+memory"
+
+
+def test_cgroup_layout_needs_cgroup_v2(tmp_path, monkeypatch):
+    monkeypatch.setattr(cgroups, "ROOT", tmp_path)
+    with pytest.raises(setup.SetupError, match="cgroup v2"):
+        setup.apply_layout(config(), systemd=False, ram=8 * GIB, out=io.StringIO())
+
+
+def test_defaults_render():
+    files = setup.render_units(Config(layout=LayoutConfig()), 4 * GIB, None)
+    assert ini(files["/etc/systemd/system/oomguard-app.slice"])["MemoryMax"] == str(4 * GIB - (512 << 20))
