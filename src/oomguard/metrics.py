@@ -1,0 +1,312 @@
+"""Prometheus metrics for fleets, on a loopback port.
+
+Every metric lives in the ``Metrics`` object's own registry (not the
+process-wide default), so tests and reloads never see stale series.
+
+Label cardinality is bounded: a victim's comm is chosen by whoever started it
+and a cgroup path may name a per-run cgroup, so each keeps its own label only
+while it is among the ``top_comms`` most frequent; the rest count as "other".
+Each series is monotonic while it exists and every kill is counted exactly
+once: a name that enters the top N starts a new series at its next kill
+(earlier kills stay in "other"); one that drops out stops being exported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import MetricsHandler
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# The *_created series double every counter's output for a value no alert
+# uses. This switch is process-wide; oomguard has no other registry user.
+if hasattr(prometheus_client, "disable_created_metrics"):
+    prometheus_client.disable_created_metrics()
+
+OTHER = "other"
+# Why the broker said no; anything else is counted as "other".
+REFUSAL_REASONS = ("not_allowed", "limit", "busy", "invalid", "unavailable", "error", OTHER)
+MAX_ACTIONS = 16  # distinct healer action labels before "other"
+_ACTION = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_TRACKED_MAX = 1000  # names whose counts we remember, to rank them
+
+
+def cgroup_label(cgroup: str | None) -> str:
+    """A cgroup path cut to its first two levels: "/system.slice/nginx.service"
+    stays, "/oomguard.app/run-7/x" becomes "/oomguard.app/run-7" -- enough to
+    tell services and slices apart, bounded further by the top-N rule."""
+    if not cgroup:
+        return "unknown"
+    parts = [p for p in cgroup.split("/") if p][:2]
+    return "/" + "/".join(parts)
+
+
+class _TopN:
+    """Which names keep their own label: at most ``n``, the most frequent."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.counts: dict[str, int] = {}
+        self.labeled: set[str] = set()
+
+    def see(self, name: str) -> tuple[str, str | None]:
+        """Count a kill of ``name``; return (label to count it under, label
+        whose series must be dropped or None)."""
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if len(self.counts) > _TRACKED_MAX:
+            # Forget the rarest unlabeled names; the ranking only needs the head.
+            keep = sorted(self.counts, key=self.counts.__getitem__, reverse=True)[
+                : _TRACKED_MAX // 2
+            ]
+            self.counts = {k: self.counts[k] for k in set(keep) | self.labeled | {name}}
+        if name in self.labeled:
+            return name, None
+        if len(self.labeled) < self.n:
+            self.labeled.add(name)
+            return name, None
+        weakest = min(self.labeled, key=lambda k: (self.counts.get(k, 0), k))
+        # Twice the weakest's count, not just more: names of similar rank
+        # would otherwise swap labels at every kill, and each swap is a new
+        # series in Prometheus's database.
+        if self.counts[name] >= 2 * self.counts.get(weakest, 0) + 1:
+            self.labeled.discard(weakest)
+            self.labeled.add(name)
+            return name, weakest
+        return OTHER, None
+
+
+class _OomKills(Collector):
+    """oomguard_oom_kills_total{comm, cgroup} with bounded labels."""
+
+    def __init__(self, top: int):
+        self.lock = threading.Lock()
+        self.comms = _TopN(top)
+        self.cgroups = _TopN(top)
+        self.series: dict[tuple[str, str], int] = {}
+
+    def add(self, comm: str, cgroup: str) -> None:
+        with self.lock:
+            c_label, c_drop = self.comms.see(comm)
+            g_label, g_drop = self.cgroups.see(cgroup)
+            if c_drop is not None:
+                self.series = {k: v for k, v in self.series.items() if k[0] != c_drop}
+            if g_drop is not None:
+                self.series = {k: v for k, v in self.series.items() if k[1] != g_drop}
+            key = (c_label, g_label)
+            self.series[key] = self.series.get(key, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily(
+            "oomguard_oom_kills",
+            "Processes killed by the kernel OOM killer, by victim comm and cgroup (top N, then other).",
+            labels=["comm", "cgroup"],
+        )
+        with self.lock:
+            items = sorted(self.series.items())
+        for (comm, cgroup), value in items:
+            fam.add_metric([comm, cgroup], value)
+        yield fam
+
+
+class Metrics:
+    """All of oomguard's metrics. Methods never raise on odd input: a metric
+    is not worth a daemon crash."""
+
+    def __init__(self, top_comms: int = 20):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._kills = _OomKills(max(1, top_comms))
+        r.register(self._kills)
+        self._info = Gauge("oomguard_info", "oomguard's version.", ["version"], registry=r)
+        self._info.labels(__version__).set(1)
+        self._livelocks = Counter(
+            "oomguard_oom_livelocks",
+            "Kernel OOM reports that found nothing killable (Out of memory and no killable processes).",
+            registry=r,
+        )
+        self._livelock = Gauge(
+            "oomguard_oom_livelock",
+            "1 while the kernel reports OOMs with nothing killable.",
+            registry=r,
+        )
+        self._grants = Counter("oomguard_protect_grants", "Protected runs granted.", registry=r)
+        self._refusals = Counter(
+            "oomguard_protect_refusals",
+            "Protect requests refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self._refusals.labels(reason)  # export zeros so rate() works from the start
+        self._protected = Gauge(
+            "oomguard_protected_processes", "Processes protected now.", registry=r
+        )
+        self._downtime = Gauge(
+            "oomguard_healer_downtime_seconds",
+            "How long the app's health checks have been failing (0 when healthy).",
+            registry=r,
+        )
+        self._actions = Counter(
+            "oomguard_healer_actions", "Healer actions taken, by action.", ["action"], registry=r
+        )
+        self._action_names: set[str] = set()
+        self._app_current = Gauge(
+            "oomguard_app_memory_current_bytes",
+            "The app slice's memory.current (NaN if unknown).",
+            registry=r,
+        )
+        self._app_limit = Gauge(
+            "oomguard_app_memory_limit_bytes",
+            "The app slice's memory.max (NaN if unlimited or unknown).",
+            registry=r,
+        )
+        self._psi_some = Gauge(
+            "oomguard_memory_pressure_some_avg10_ratio",
+            "Share of the last 10 s in which some task stalled on memory (PSI some avg10 / 100).",
+            registry=r,
+        )
+        self._psi_full = Gauge(
+            "oomguard_memory_pressure_full_avg10_ratio",
+            "Share of the last 10 s in which all tasks stalled on memory (PSI full avg10 / 100).",
+            registry=r,
+        )
+        self._lost = Counter(
+            "oomguard_kmsg_lost_records",
+            "Kernel log records lost to ring buffer overruns.",
+            registry=r,
+        )
+        for g in (self._app_current, self._app_limit):
+            g.set(math.nan)
+
+    # -------------------------------------------------------------- updates
+
+    def oom_kill(self, comm: str | None, cgroup: str | None) -> None:
+        self._kills.add(comm or "unknown", cgroup_label(cgroup))
+
+    def oom_livelock(self) -> None:
+        self._livelocks.inc()
+
+    def grant(self) -> None:
+        self._grants.inc()
+
+    def refusal(self, reason: str) -> None:
+        if reason not in REFUSAL_REASONS:
+            log.debug("metrics: refusal reason %r counted as other", reason)
+            reason = OTHER
+        self._refusals.labels(reason).inc()
+
+    def set_protected(self, n: int) -> None:
+        self._protected.set(max(0, int(n)))
+
+    def set_downtime(self, seconds: float) -> None:
+        self._downtime.set(max(0.0, float(seconds)))
+
+    def healer_action(self, action: str) -> None:
+        if not _ACTION.match(action or ""):
+            action = OTHER
+        elif action not in self._action_names:
+            if len(self._action_names) >= MAX_ACTIONS:
+                action = OTHER
+            else:
+                self._action_names.add(action)
+        self._actions.labels(action).inc()
+
+    def set_livelock(self, flag: bool) -> None:
+        self._livelock.set(1 if flag else 0)
+
+    def set_app_memory(self, current: int | None, limit: int | None) -> None:
+        self._app_current.set(math.nan if current is None else float(current))
+        self._app_limit.set(math.nan if limit is None else float(limit))
+
+    def set_psi(self, some_avg10: float, full_avg10: float) -> None:
+        """Takes the kernel's percentages (0..100), exports ratios (0..1)."""
+        self._psi_some.set(float(some_avg10) / 100.0)
+        self._psi_full.set(float(full_avg10) / 100.0)
+
+    def kmsg_lost(self, n: int) -> None:
+        if n > 0:
+            self._lost.inc(n)
+
+    # -------------------------------------------------------------- output
+
+    def render(self) -> bytes:
+        """The text exposition format, as served on /metrics."""
+        return generate_latest(self.registry)
+
+    def serve(self, listen: str) -> MetricsServer:
+        """Serve /metrics on ``listen`` ("127.0.0.1:9464", "[::1]:9464",
+        "localhost:9464") in a daemon thread. Only loopback addresses: the
+        metrics name processes and users, and the exporter has no auth."""
+        host, port = parse_listen(listen)
+        return MetricsServer(self.registry, host, port)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """(host, port) for a loopback listen address; ConfigError otherwise."""
+    key = "metrics.listen"
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise ConfigError(f"{key}: expected host:port, got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ConfigError(f"{key}: {listen!r} has no host; use 127.0.0.1:{port_s}")
+    try:
+        addrs = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except socket.gaierror as e:
+            raise ConfigError(f"{key}: cannot resolve {host!r}: {e.strerror}") from None
+        addrs = {ipaddress.ip_address(info[4][0]) for info in infos}
+    bad = sorted(str(a) for a in addrs if not a.is_loopback)
+    if bad or not addrs:
+        raise ConfigError(
+            f"{key}: {host} is not a loopback address ({', '.join(bad)}); oomguard serves metrics on "
+            "loopback only -- scrape through a reverse proxy or an SSH tunnel"
+        )
+    return host, int(port_s)
+
+
+class MetricsServer:
+    """A small threaded HTTP server for one registry; ``close`` stops it."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        handler = MetricsHandler.factory(registry)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class _Server(ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+        self._server = _Server((host, port), handler)
+        self.address: tuple[Any, ...] = self._server.server_address
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
