@@ -29,6 +29,7 @@ import os
 import re
 import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -553,6 +554,11 @@ class LivelockTracker:
         return self._last_seen is not None and now - self._last_seen < self.clear_after
 
 
+def now_usec() -> int:
+    """Now on the clock of the kernel's record timestamps (for ``expire``)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
 # ---------------------------------------------------------------- follower
 
 
@@ -567,7 +573,10 @@ class KmsgFollower:
 
     Records lost to ring overruns (EPIPE on read) or that fell out of the
     ring while nobody was reading are counted in ``lost`` and reported to
-    ``on_lost``."""
+    ``on_lost``. ``on_idle`` is called whenever the ring is drained (a good
+    moment for ``OomParser.expire``). An exception from ``on_record`` is
+    logged and the next record follows; ``run`` raises only if the device
+    cannot be opened or read."""
 
     def __init__(
         self,
@@ -645,7 +654,7 @@ class KmsgFollower:
                     continue
                 raise
             if not raw:
-                # A regular file (tests, replays) ends; the device never does.
+                # The device never reads empty; do not spin if something else does.
                 self.caught_up.set()
                 if self.on_idle is not None:
                     self.on_idle()
@@ -666,7 +675,10 @@ class KmsgFollower:
             expected = rec.seq + 1
             if self.start_after_seq is not None and rec.seq <= self.start_after_seq:
                 continue
-            self.on_record(rec)
+            try:
+                self.on_record(rec)
+            except Exception:  # noqa: BLE001 - one bad record must not end the following
+                log.exception("kmsg: handling record %d failed", rec.seq)
             self.last_seq = rec.seq
 
 

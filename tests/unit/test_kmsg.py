@@ -192,6 +192,17 @@ def test_rhel7_3_10_kill_with_task_table_then_truncated_header() -> None:
     assert (tail.invoker_comm, tail.invoker_pid, tail.victim_pid) == ("java", 14881, None)
 
 
+def test_task_in_line_names_both_cgroups_and_a_cut_table_row_is_ignored() -> None:
+    parser = OomParser(boot_time=BOOT)
+    assert parse_all(load_published(PUBLISHED / "centos7-3.10-task-in-cut.log"), parser) == []
+    (k,) = parser.flush()
+    assert isinstance(k, OomKill) and not k.complete and k.victim_pid is None
+    scope = "docker-b27201334a41cd0749d053b18378d7ea65617b8e26277197ea25c974da1a5a8a.scope"
+    assert k.task_memcg is not None and k.task_memcg.endswith(scope)
+    assert k.oom_memcg == k.task_memcg and k.constraint == "CONSTRAINT_MEMCG"
+    assert k.raw[0].startswith("Task in /kubepods.slice/")
+
+
 def test_4x_sacrifice_child_names_the_child_as_victim() -> None:
     events = parse_all(load_published(PUBLISHED / "ubuntu-4.x-memcg-sacrifice-child.log"))
     ks = kills(events)
@@ -668,6 +679,30 @@ def test_follower_delivers_and_stops_promptly() -> None:
     assert stopped_in < 1.0
 
 
+def test_follower_outlives_a_failing_handler() -> None:
+    w, r = _pair()
+    f = SeqpacketFollower(r, current_boot_id="b")
+    got: list[int] = []
+
+    def handler(x: KmsgRecord) -> None:
+        if x.seq == 2:
+            raise RuntimeError("database is locked")
+        got.append(x.seq)
+
+    stop = threading.Event()
+    f.on_record = handler
+    t = threading.Thread(target=f.run, args=(stop,))
+    t.start()
+    for s in (1, 2, 3):
+        w.send(f"6,{s},{s},-;line\n".encode())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and f.last_seq != 3:
+        time.sleep(0.01)
+    stop.set()
+    t.join(5)
+    assert got == [1, 3] and not t.is_alive()
+
+
 def test_follower_skips_seen_records_on_the_same_boot_only() -> None:
     w, r = _pair()
     f = SeqpacketFollower(r, None, 3, "boot-a", current_boot_id="boot-a")
@@ -733,3 +768,15 @@ def test_follower_on_the_real_device() -> None:
     t2.join(5)
     assert not any(marker in r.text for r in again)
     assert all(r.seq > mine[0].seq for r in again)
+
+
+def test_now_usec_is_on_the_kernel_record_clock() -> None:
+    if not (os.access("/dev/kmsg", os.R_OK) and os.access("/dev/kmsg", os.W_OK)):
+        pytest.skip("/dev/kmsg is not readable and writable here (needs root)")
+    marker = f"oomguard-clock {uuid.uuid4()}"
+    before = kmsg.now_usec()
+    with open("/dev/kmsg", "w") as dev:
+        dev.write(f"<6>{marker}\n")
+    after = kmsg.now_usec()
+    (mine,) = [r for r in kmsg.read_ring() if marker in r.text]
+    assert before - 50_000 <= mine.ts_usec <= after + 50_000
