@@ -48,6 +48,7 @@ from harness import GuestError, run_guest  # noqa: E402
 
 IN_GUEST = os.environ.get("OOMGUARD_IN_GUEST") == "1"
 REPORT_ENV = "OOMGUARD_GUEST_REPORT"  # in the guest: where to write per-test outcomes (JSON lines)
+HOST_IGNORED_MARKS = {"skip", "skipif", "xfail"}
 
 
 # =============================================================================
@@ -65,7 +66,9 @@ class GuestItem(pytest.Item):
     def __init__(self, *, original: pytest.Item, **kwargs):
         super().__init__(**kwargs)
         self._location = original.reportinfo()
-        self.own_markers = list(original.own_markers)
+        # Keep the markers, except those that would let the host skip/xfail
+        # the item: those are evaluated in the guest, where skipping fails.
+        self.own_markers = [m for m in original.own_markers if m.name not in HOST_IGNORED_MARKS]
         self.keywords.update(original.keywords)
 
     def runtest(self) -> None:
@@ -170,15 +173,16 @@ class _GuestRun:
     def outcome(self, nodeid: str) -> tuple[str, str]:
         if self.error:
             return "failed", self.error
-        if nodeid not in self.outcomes:
+        out = self.outcomes.get(nodeid)
+        if out is None or out.status == "missing":
             tail = "\n".join(self.result.console.splitlines()[-40:])
+            why = out.text if out else "it was not reported by the guest run"
             return "missing", (
-                f"{nodeid} was not reported by the guest run (guest pytest exit status "
+                f"did not finish in the guest: {why} (guest pytest exit status "
                 f"{self.result.returncode}); console: {self.results_dir / 'console.log'}\n{tail}"
             )
-        out = self.outcomes[nodeid]
         if out.status == "skipped":
-            return "failed", f"skipped in the guest, which counts as a failure here:\n{out.text}"
+            return "failed", f"skipped in the guest, which counts as a failure: {out.text}"
         return out.status, out.text
 
     def summary(self) -> str:
@@ -199,10 +203,50 @@ def _guest_run(session: pytest.Session) -> _GuestRun:
 
 
 def _read_outcomes(report: Path) -> dict[str, _GuestOutcome]:
-    """Fold the guest's per-phase reports into one outcome per node id."""
-    outcomes: dict[str, _GuestOutcome] = {}
-    if not report.exists():
-        return outcomes
+    """Fold the guest's setup/call/teardown reports into one outcome per node id.
+
+    "passed" needs a passing call AND a teardown report: a test whose run was
+    cut short (the guest pytest crashed) is "missing", not passed.
+    """
+    phases: dict[str, list[dict]] = {}
+    if report.exists():
+        for line in report.read_text().splitlines():
+            rep = json.loads(line)
+            phases.setdefault(rep["nodeid"], []).append(rep)
+    outcomes = {}
+    for nodeid, reps in phases.items():
+        problems = []
+        for rep in reps:
+            if rep.get("wasxfail") is not None:
+                status, prefix = "skipped", f"xfailed/xpassed ({rep['wasxfail']}): "
+            elif rep["outcome"] == "failed":
+                status, prefix = (
+                    "failed",
+                    "" if rep["when"] == "call" else f"error in {rep['when']}: ",
+                )
+            elif rep["outcome"] == "skipped":
+                status, prefix = "skipped", ""
+            else:
+                continue
+            text = prefix + rep["longrepr"]
+            for title, content in rep.get("sections", []):
+                text += f"\n{'-' * 10} {title} {'-' * 10}\n{content}"
+            problems.append((status, text))
+        whens = {rep["when"] for rep in reps}
+        if any(status == "failed" for status, _ in problems):
+            status = "failed"
+        elif problems:
+            status = "skipped"
+        elif {"call", "teardown"} <= whens:
+            status = "passed"
+        else:
+            last = max(whens, key=["setup", "call", "teardown"].index)
+            status, problems = (
+                "missing",
+                [("missing", f"the guest run stopped after its {last} phase")],
+            )
+        outcomes[nodeid] = _GuestOutcome(status, "\n".join(text for _, text in problems))
+    return outcomes
     for line in report.read_text().splitlines():
         rep = json.loads(line)
         status = "failed" if rep["outcome"] == "failed" else rep["outcome"]
@@ -211,9 +255,9 @@ def _read_outcomes(report: Path) -> dict[str, _GuestOutcome]:
             continue
         text = rep["longrepr"]
         if rep["when"] != "call" and status == "failed":
-            text = f"error in {rep['when']}:\n{text}"
+            text = f"error in {rep['when']}: {text}"
         if rep.get("wasxfail") is not None:
-            status, text = "skipped", f"xfail/xpass ({rep['wasxfail']}):\n{text}"
+            status, text = "skipped", f"xfailed/xpassed ({rep['wasxfail']}): {text}"
         for title, content in rep.get("sections", []):
             text += f"\n{'-' * 10} {title} {'-' * 10}\n{content}"
         old = outcomes.get(rep["nodeid"])
@@ -249,18 +293,28 @@ class _Prefixed:
 # Guest side: outcome report for the host and fixtures for guest tests
 # =============================================================================
 
-if IN_GUEST and os.environ.get(REPORT_ENV):
+# Popped so that processes started by guest tests (a nested pytest...) don't write to it.
+_REPORT_PATH = os.environ.pop(REPORT_ENV, None) if IN_GUEST else None
+
+if _REPORT_PATH:
 
     def pytest_runtest_logreport(report):
+        text = report.longreprtext
+        if report.skipped and isinstance(report.longrepr, tuple):  # (path, lineno, reason)
+            path, lineno, reason = report.longrepr
+            text = f"{path}:{lineno}: {reason}"
+        crash = getattr(report.longrepr, "reprcrash", None)
+        if crash is not None:  # the one-line summary goes first (pytest's -ra line shows it)
+            text = f"{crash.message.splitlines()[0] if crash.message else ''}\n\n{text}"
         record = {
             "nodeid": report.nodeid,
             "when": report.when,
             "outcome": report.outcome,
-            "longrepr": report.longreprtext,
+            "longrepr": text,
             "wasxfail": getattr(report, "wasxfail", None),
             "sections": report.sections if report.outcome != "passed" else [],
         }
-        with open(os.environ[REPORT_ENV], "a", encoding="utf-8") as fh:
+        with open(_REPORT_PATH, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
 

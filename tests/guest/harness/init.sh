@@ -82,7 +82,12 @@ mkdir -p -m 1777 $R/run/lock
 mount -t 9p -o "$OPTS" results $R/results || die "cannot mount the results share"
 C=$R/results/.guest
 [ -f $C/cmd.sh ] || die "no $C/cmd.sh"
-[ -f $C/writable ] && for d in $(cat $C/writable); do overlay "$d"; done
+# read-only binds first (the repo stays read-only even under /root, /home or /tmp),
+# then the extra writable overlays (which win if a path is in both lists)
+for d in $(cat $C/readonly 2>/dev/null); do
+    [ -d "$H$d" ] && { mount --bind "$H$d" "$R$d" || die "cannot bind $d read-only"; }
+done
+for d in $(cat $C/writable 2>/dev/null); do overlay "$d"; done
 
 ip link set lo up || die "cannot bring up lo"
 NAME=$(cat $C/hostname 2>/dev/null || echo oomguard-guest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import ctypes
 import os
 import re
 import shlex
@@ -107,9 +108,7 @@ def _command_script(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
 def qemu_argv(
     vmlinux: Path, initrd: Path, results_dir: Path, *, memory_mib: int, cpus: int
 ) -> list[str]:
-    qemu = shutil.which(QEMU)
-    if not qemu:
-        raise GuestError(f"{QEMU} not found; {INSTALL_HINT}")
+    qemu = shutil.which(QEMU) or QEMU
     if kvm_usable():
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -129,7 +128,11 @@ def qemu_argv(
         "nowatchdog",
         # quiet + loglevel=1: keep kernel chatter (e.g. the OOM-killer's
         # floods) off the slow serial console; read /dev/kmsg instead.
-        *(["loglevel=7", "oomguard.debug"] if debug else ["quiet", "loglevel=1"]),
+        *(
+            ["earlyprintk=ttyS0", "loglevel=7", "oomguard.debug"]
+            if debug
+            else ["quiet", "loglevel=1"]
+        ),
     ]
     return [
         qemu,
@@ -201,20 +204,24 @@ def run_guest(
     stream: TextIO | None = None,
     cwd: Path | str | None = None,
     writable: list[str] | tuple[str, ...] = (),
+    readonly: list[str] | tuple[str, ...] = (REPO_ROOT,),
     hostname: str = "oomguard-guest",
 ) -> GuestResult:
     """Boot a fresh guest, run ``argv`` as root in it and return its exit status.
 
     ``argv`` runs chrooted into the host's root filesystem (read-only, with
     writable tmpfs overlays on /tmp /var /etc /root /home /srv /opt /mnt /media
-    and the absolute paths in ``writable``), in ``cwd`` (default: the repository
-    root), with ``guest_env(env)`` as its whole environment.  ``results_dir``
+    and the paths in ``writable``; the paths in ``readonly``, by default the
+    repository, stay read-only even inside those), in ``cwd`` (default: the
+    repository root), with ``guest_env(env)`` as its whole environment.  ``results_dir``
     (default: a new temp dir) is mounted read-write at /results in the guest;
     the console is saved there as ``console.log``.  Raises GuestError if the
     guest does not report an exit status within ``timeout`` seconds.
     """
     if not argv:
         raise ValueError("argv must not be empty")
+    if not shutil.which(QEMU):
+        raise GuestError(f"{QEMU} not found; {INSTALL_HINT}")
     try:
         vmlinux = ensure_kernel()
         initrd = build_initramfs(vmlinux)
@@ -223,14 +230,15 @@ def run_guest(
 
     if results_dir is None:
         results_dir = Path(tempfile.mkdtemp(prefix="oomguard-guest-"))
+        results_dir.chmod(0o755)
     results_dir = Path(results_dir).resolve()
     control = results_dir / ".guest"
     control.mkdir(parents=True, exist_ok=True)
-    results_dir.chmod(0o755)
     (results_dir / "rc").unlink(missing_ok=True)
     cwd = Path(cwd or REPO_ROOT).resolve()
     (control / "cmd.sh").write_text(_command_script(list(argv), cwd, guest_env(env)))
-    (control / "writable").write_text("".join(f"{Path(d).resolve()}\n" for d in writable))
+    for name, paths in (("readonly", readonly), ("writable", writable)):
+        (control / name).write_text("".join(f"{Path(d).resolve()}\n" for d in paths))
     (control / "hostname").write_text(hostname + "\n")
 
     cmd = qemu_argv(vmlinux, initrd, results_dir, memory_mib=memory_mib, cpus=cpus)
@@ -243,11 +251,13 @@ def run_guest(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         console = _Console(proc.stdout, stream, log)
         console.start()
         timed_out = _wait(proc, console, started + timeout)
         console.join(10)
+        proc.stdout.close()
     total = time.monotonic() - started
     text = console.text
 
@@ -257,6 +267,12 @@ def run_guest(
         returncode = int((results_dir / "rc").read_text().strip())
     except (OSError, ValueError):
         why = next((ln for ln in text.splitlines() if ERROR in ln), None)
+        if not text.strip():
+            why = (
+                "no console output at all: the guest reset before its console came up "
+                f"(too little memory for the {memory_mib} MiB guest? "
+                "OOMGUARD_GUEST_DEBUG=1 shows early kernel messages)"
+            )
         raise GuestError(
             f"guest finished without an exit status (qemu exit status {proc.returncode})"
             + (f": {why.strip()}" if why else ""),
@@ -285,6 +301,11 @@ def _wait(proc: subprocess.Popen, console: _Console, deadline: float) -> bool:
     except BaseException:  # KeyboardInterrupt etc.: never leave QEMU behind
         _kill(proc)
         raise
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: get SIGKILLed if the harness process dies (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 def _kill(proc: subprocess.Popen) -> None:
