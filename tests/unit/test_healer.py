@@ -162,6 +162,12 @@ class Procs:
         kw = {"user": uid, "group": uid} if uid != 0 else {}
         p = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, **kw)
         self.popen.append(p)
+        if script.startswith("exec "):
+            # wait for the exec, so that comm and exe are the program's, not sh's
+            prog = script.split()[1]
+            deadline = time.monotonic() + 10
+            while _comm(p.pid) != prog and time.monotonic() < deadline:
+                time.sleep(0.005)
         children = []
         if "echo $!" in script:
             children = [int(p.stdout.readline())]
@@ -185,6 +191,11 @@ def procs():
     p = Procs()
     yield p
     p.close()
+
+
+def _comm(pid: int) -> str | None:
+    proc = procfs.snapshot(pid)
+    return proc.comm if proc else None
 
 
 def alive(pid: int) -> bool:
