@@ -334,7 +334,9 @@ class _Resolver:
             return self.origin_memo[key]
         origin = None
         par = self.parent(proc)
-        if par is not None and depth < self.MAX_DEPTH and proc.oom_score_adj < 0:
+        # init is never written by the policy, so what its children have is
+        # systemd's doing (OOMScoreAdjust=), not an inherited grant.
+        if par is not None and par.pid != 1 and depth < self.MAX_DEPTH and proc.oom_score_adj < 0:
             pc = self.class_of(par)
             if pc is not None:
                 if pc.oom_score_adj < 0:

@@ -289,6 +289,9 @@ def test_inherited_grants_are_taken_back(classes):
           cgroup="/system.slice/chrony.service", adj=-300),
         # already back at the default
         P(407, ppid=400, comm="ok", uid=WWW, exe="/bin/ok", cgroup=cron, adj=0),
+        # a service user's daemon that systemd (init) started with OOMScoreAdjust=-1000
+        P(408, comm="redis", uid=WWW, exe="/usr/bin/redis", cgroup="/system.slice/redis.service",
+          adj=-1000),
     ]
     d = by_pid(policy.plan(procs, classes, None))
     assert (d[401].action, d[401].wanted, d[401].reason) == ("set", 0, policy.INHERITED)
@@ -297,6 +300,8 @@ def test_inherited_grants_are_taken_back(classes):
     assert (d[404].class_name, d[404].wanted) == ("app-cron", 1000)
     assert (d[405].reason, d[406].reason) == (policy.UNMATCHED, policy.UNMATCHED)
     assert d[407].action == "skip"
+    assert d[1].class_name == "root-automation"  # init matches, but is never an origin
+    assert (d[408].action, d[408].reason) == ("skip", policy.UNMATCHED)
 
 
 # ---------------------------------------------------------------- protected runs
