@@ -80,6 +80,7 @@ class Monitor(Protocol):
 
     def poll(self, now: float) -> list[health.Observation]: ...
     def probe_soon(self) -> None: ...
+    def close(self) -> None: ...
     def down(self) -> bool: ...
     def down_checks(self) -> list[str]: ...
     def down_since(self) -> float | None: ...
@@ -633,12 +634,23 @@ class Healer:
             len(self.cfg.checks), len(self.cfg.services), _fmt_duration(self.cfg.grace),
             self.cfg.timezone, " (dry run)" if self.cfg.dry_run else "",
         )  # fmt: skip
-        while not stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # noqa: BLE001 - the loop must survive a bad tick
-                log.exception("healer tick failed")
-            stop.wait(self.tick_interval)
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - the loop must survive a bad tick
+                    log.exception("healer tick failed")
+                stop.wait(self.tick_interval)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort running probes (their commands are killed) and close pidfds."""
+        with self._lock:
+            self.monitor.close()
+            for k in self._kills:
+                for h in k.handles.values():
+                    h.close()
 
     # ------------------------------------------------------------ the clock
 

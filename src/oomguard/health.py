@@ -541,7 +541,7 @@ class CheckState:
     probes: int = 0
     next_due: float = 0.0
     in_flight: _InFlight | None = None
-    hung: list[threading.Thread] = field(default_factory=list)
+    hung: list[tuple[threading.Thread, Cancel]] = field(default_factory=list)
 
     @property
     def down(self) -> bool:
@@ -578,7 +578,7 @@ class HealthMonitor:
         out: list[Observation] = []
         with self._lock:
             for cs in self.states.values():
-                cs.hung = [t for t in cs.hung if t.is_alive()]
+                cs.hung = [(t, c) for t, c in cs.hung if t.is_alive()]
                 fl = cs.in_flight
                 if fl is not None:
                     if fl.result:
@@ -587,7 +587,7 @@ class HealthMonitor:
                     elif now >= fl.deadline:
                         fl.cancel.cancel()
                         if fl.thread is not None and fl.thread.is_alive():
-                            cs.hung.append(fl.thread)
+                            cs.hung.append((fl.thread, fl.cancel))
                         res = ProbeResult(
                             False, f"no answer within {cs.check.timeout:g}s (probe abandoned)"
                         )
@@ -649,6 +649,17 @@ class HealthMonitor:
         cs.last_started, cs.last_finished = started, now
         return Observation(cs.check.name, res.ok, res.detail, started, now, abandoned)
 
+    def close(self) -> None:
+        """Abort every probe still running (sockets shut, command process
+        groups killed): nothing a check started outlives the monitor."""
+        with self._lock:
+            for cs in self.states.values():
+                if cs.in_flight is not None:
+                    cs.in_flight.cancel.cancel()
+                    cs.in_flight = None
+                for _, cancel in cs.hung:
+                    cancel.cancel()
+
     def probe_soon(self) -> None:
         """Make every check due at the next poll (after a restart, to verify)."""
         with self._lock:
@@ -694,7 +705,7 @@ class HealthMonitor:
                     "detail": cs.last_detail,
                     "probes": cs.probes,
                     "in_flight": cs.in_flight is not None,
-                    "hung_probes": len([t for t in cs.hung if t.is_alive()]),
+                    "hung_probes": len([t for t, _ in cs.hung if t.is_alive()]),
                 }
                 for name, cs in self.states.items()
             }

@@ -1058,10 +1058,13 @@ def test_the_loop_keeps_its_cadence_with_hung_endpoints(tmp_path):
                 pass
 
     threading.Thread(target=accept, daemon=True).start()
+    pids = tmp_path / "slow.pids"
     checks = (
         Check("shop", "http", f"http://{addr}/", interval=0.2, timeout=0.3, failures=2),
         Check("db", "mysql", addr, interval=0.2, timeout=0.3, failures=2),
         Check("cron", "command", "sleep 1000", interval=0.2, timeout=0.3, failures=2),
+        # still running when the loop stops: run() must abort it, not leave it
+        Check("slow", "command", f"sh -c 'echo $$ >> {pids}; exec sleep 1000'", timeout=600.0),
     )
     config = Config(
         healer=HealerConfig(checks=checks, grace=3600.0), layout=LayoutConfig(app_cgroup="app")
@@ -1085,10 +1088,17 @@ def test_the_loop_keeps_its_cadence_with_hung_endpoints(tmp_path):
         c.close()
     silent.close()
     assert not t.is_alive()
+    # run() aborted the probes on its way out: no check command outlives it
+    started = [int(x) for x in pids.read_text().split()]
+    assert started
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in started):
+        assert time.monotonic() < deadline, "a check's command outlived the healer loop"
+        time.sleep(0.02)
     st = h.status()
     # 0.05 s between ticks: ~50 ticks in 2.5 s; a probe awaited would cost 0.3 s each
     assert st["loop"]["ticks"] >= elapsed / 0.05 / 3, st["loop"]
     assert st["loop"]["max_tick_seconds"] < 0.5, st["loop"]
     assert st["phase"] == "waiting" and st["down_since"] is not None
-    assert set(st["checks"]) == {"shop", "db", "cron"}
-    assert all(c["down"] for c in st["checks"].values()), st["checks"]
+    assert set(st["checks"]) == {"shop", "db", "cron", "slow"}
+    assert all(st["checks"][c]["down"] for c in ("shop", "db", "cron")), st["checks"]

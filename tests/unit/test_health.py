@@ -511,7 +511,7 @@ def test_restart_style_command_keeps_what_it_started(tmp_path):
     try:
         assert _alive(svc)
     finally:
-        os.kill(svc, signal.SIGKILL)
+        os.killpg(os.getpgid(svc), signal.SIGKILL)  # the service and the orphaned foreground sleep
 
 
 # ---------------------------------------------------------------- deadlines
@@ -530,6 +530,24 @@ def test_probe_with_deadline_abandons_a_probe_that_ignores_its_timeout():
     release.set()
     assert not r.ok and "abandoned" in r.detail
     assert elapsed < 5  # generous: the point is that it did not wait 60 s
+
+
+def test_monitor_close_kills_the_commands_of_running_probes(tmp_path):
+    pidfile = tmp_path / "check.pid"
+    chk = check("command", f"sh -c 'echo $$ > {pidfile}; exec sleep 1000'", interval=1, timeout=60)
+    m = health.HealthMonitor([chk])
+    m.poll(time.monotonic())
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    pid = int(pidfile.read_text())
+    assert _alive(pid)
+    m.close()
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "a probe's command outlived the monitor"
+        time.sleep(0.02)
 
 
 def test_cancel_wakes_a_blocked_socket_probe():
@@ -635,6 +653,7 @@ def test_monitor_keeps_its_cadence_with_hung_endpoints(http_server, tmp_path):
             worst = max(worst, time.monotonic() - t0)
             time.sleep(0.02)
         release.set()
+        m.close()
     assert worst < 0.5, f"poll blocked for {worst:.2f}s"
     for name in ("db", "shop", "cmd", "stubborn"):
         results = [o for o in observations if o.check == name]
