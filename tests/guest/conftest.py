@@ -7,7 +7,7 @@ two modes:
   tests/guest/ is replaced by a ``GuestItem``.  The first one to run boots ONE
   guest that runs ``pytest <all selected guest node ids>`` as root; each
   GuestItem then reports its test's outcome in the guest.  Only "passed"
-  passes: failures, errors, skips, xfails and tests the guest never reported
+  passes: failures, errors, skips, xfails and tests the guest never finished
   all fail, and a guest that cannot boot fails every guest item with the
   console tail.  Host-only tests in other directories run as usual.
 
@@ -15,11 +15,20 @@ two modes:
   then only provides fixtures (``unpriv_user``, ``other_user``, ``cgroup``,
   ``kmsg``, ``guest_results_dir``) and records every test outcome for the host.
 
+Writing a guest test: it runs as root (all capabilities) in a chroot of the
+host's / (read-only 9p) with writable tmpfs overlays on /tmp /var /etc /root
+/home /srv /opt /mnt /media, a fresh /run, and the repository read-only.
+Nothing runs in the guest but your test: start services yourself, inside a
+cgroup if their memory must be charged there (``cgroup.popen([...])``), and
+stop them in a fixture finalizer.  Files written to /results (the
+``guest_results_dir`` fixture) land in the host's results directory.
+
 Host-side knobs (environment): OOMGUARD_GUEST_RESULTS (host dir for junit.xml,
-console.log, ...; default: a new temp dir), OOMGUARD_GUEST_TIMEOUT (seconds,
-default 900), OOMGUARD_GUEST_MEM (MiB, default 1024), OOMGUARD_GUEST_CPUS
-(default 2), OOMGUARD_GUEST_PLUGIN_AUTOLOAD=1 (load entry-point pytest plugins
-in the guest too; off by default because they cost seconds under TCG).  The guest console is streamed live unless pytest runs with -q.
+console.log, outcomes.jsonl, ...; default: a new temp dir),
+OOMGUARD_GUEST_TIMEOUT (seconds, default 900), OOMGUARD_GUEST_MEM (MiB,
+default 1024), OOMGUARD_GUEST_CPUS (default 2), OOMGUARD_GUEST_PLUGIN_AUTOLOAD=1
+(also load entry-point pytest plugins in the guest; off by default since they
+cost seconds under TCG).  The guest console is streamed live unless -q.
 """
 
 from __future__ import annotations
@@ -123,7 +132,8 @@ class _GuestRun:
         ).resolve()
         self.results_dir.mkdir(parents=True, exist_ok=True)
         report = self.results_dir / "outcomes.jsonl"
-        report.unlink(missing_ok=True)
+        for stale in (report, self.results_dir / "junit.xml"):
+            stale.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "pytest", *self.nodeids, "-p", "no:cacheprovider", "-v"]
         argv += ["--junitxml=/results/junit.xml", f"--rootdir={config.rootpath}"]
         if config.inipath:

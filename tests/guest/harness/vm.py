@@ -262,7 +262,10 @@ def run_guest(
     text = console.text
 
     if timed_out:
-        raise GuestError(f"guest timed out after {timeout:.0f} s and was killed", text, results_dir)
+        stage = "the command was still running" if console.ready_at else "it never finished booting"
+        raise GuestError(
+            f"guest timed out after {timeout:.0f} s ({stage}) and was killed", text, results_dir
+        )
     try:
         returncode = int((results_dir / "rc").read_text().strip())
     except (OSError, ValueError):
