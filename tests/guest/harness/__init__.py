@@ -1,7 +1,12 @@
 """Real-kernel test harness: run commands as root in a throw-away QEMU guest.
 
-See tests/guest/README-less overview in vm.run_guest's docstring and
-tests/guest/conftest.py for the pytest integration.
+    kernel.py     ensure_kernel(): Debian's kernel, apt-get download-ed and unpacked
+    initramfs.py  build_initramfs(): busybox + 9p/overlay modules + init.sh (newc cpio)
+    init.sh       the guest's PID 1: assembles the root, runs the command, powers off
+    vm.py         run_guest(): boots QEMU, runs one command as root, returns its status
+    __main__.py   python3 -m tests.guest.harness [--mem MiB] [--timeout S] -- CMD ARGS...
+
+tests/guest/conftest.py runs the pytest tests under tests/guest/ in one guest.
 """
 
 from .initramfs import build_initramfs
