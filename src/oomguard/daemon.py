@@ -2,8 +2,11 @@
 
 Threads, each with one concern, so that none can stall another:
   broker     the socket: grants and queries (broker.py)
-  procevents fork/exec/exit from the kernel, or a polling fallback
-  reaper     ends runs whose cgroups emptied, with their exit status
+  procevents fork/exec/exit from the kernel (policy, run exits), or polling
+  reaper     ends runs whose cgroups emptied, samples gauges
+  oomwatch   kernel OOM reports from /dev/kmsg, attributed to runs
+  healer     health checks, grace windows, kills and restarts
+  metrics    the Prometheus exporter (prometheus-client's own thread)
 The daemon keeps itself at oom_score_adj -1000; what it starts begins at 0.
 """
 
@@ -16,8 +19,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from . import broker, config, procevents, procfs
+from . import (
+    broker,
+    cgroups,
+    config,
+    events,
+    healer,
+    metrics,
+    oomwatch,
+    policy,
+    procevents,
+    procfs,
+    status,
+)
 from .broker import Broker, Granter, Peer, Refusal
 from .runs import Run, RunRegistry, decode_wait_status
 
@@ -66,24 +82,58 @@ class Daemon:
         state_dir = Path(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.registry = RunRegistry(state_dir / "runs.json")
+        self.store = events.EventStore(cfg.events.db, cfg.events.max_age, cfg.events.max_rows)
+        self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.broker = Broker(cfg, self.granter, self.handlers())
+        self.enforcer = policy.Enforcer.from_config(cfg, self.registry, on_change=self.on_policy_change)
+        self.healer = healer.Healer(
+            cfg,
+            self.registry,
+            state_dir / "healer.json",
+            self.emit,
+            is_exempt=self.is_exempt,
+            nonessential_pids=self.nonessential_pids,
+            metric=self.on_metric,
+        )
+        self.oomwatch = oomwatch.OomWatcher(cfg.events.kmsg, self.store, self.registry, self.metrics)
         self.threads: list[threading.Thread] = []
-        self.events_mode = "none"
+        self.metrics_server: metrics.MetricsServer | None = None
+        self.events_mode = "starting"
 
-    # ------------------------------------------------------------ hooks
+    # ------------------------------------------------------------ events
+
+    def emit(self, kind: str, data: dict, uids: Any = ()) -> None:
+        """Store an event; the healer and the broker report through here."""
+        self.store.add(kind, data, uids=list(uids))
+        if kind == "healer" or kind == "storm":
+            self.metrics.healer_action(str(data.get("action", kind)))
+
+    def on_metric(self, name: str, value: float, labels: dict) -> None:
+        if name == "oomguard_healer_downtime_seconds":
+            self.metrics.set_downtime(value)
+        elif name == "oomguard_healer_livelock":
+            self.metrics.set_livelock(bool(value))
 
     def on_grant(self, run: Run) -> None:
-        pass
+        self.metrics.grant()
+        self.emit("grant", run_view(run), [run.uid])
 
     def on_refusal(self, peer: Peer, reason: str, message: str) -> None:
-        pass
+        self.metrics.refusal(reason)
+        self.emit("refusal", {"uid": peer.uid, "user": peer.user, "pid": peer.pid,
+                              "reason": reason, "message": message}, [peer.uid])  # fmt: skip
 
     def on_run_end(self, run: Run) -> None:
         log.info(
             "run %d ended: user=%s pid=%d exit_status=%s peak_memory=%s reason=%s",
             run.id, run.user, run.pid, run.exit_status, run.peak_memory, run.end_reason,
         )  # fmt: skip
+        self.emit("run_end", run_view(run), [run.uid])
+
+    def on_policy_change(self, change: policy.Change) -> None:
+        if change.ok and not change.dry_run:
+            self.store.add("policy", change.as_dict(), uids=[change.uid])
 
     def on_proc_event(self, ev: tuple) -> None:
         kind = ev[0]
@@ -93,11 +143,30 @@ class Daemon:
                 self.registry.update(run.id, exit_status=decode_wait_status(ev[2]))
         elif kind == "fork":
             self.registry.on_fork(ev[1], procfs.starttime_of(ev[1]), ev[2], procfs.starttime_of(ev[2]))
+        if self.cfg.policy.enforce:
+            self.enforcer.handle(ev)
+
+    # ------------------------------------------------------------ policy hooks for the healer
+
+    def is_exempt(self, proc: procfs.Proc) -> bool:
+        decision = self.enforcer.check(proc.pid)
+        return decision is not None and decision.healer_exempt
+
+    def nonessential_pids(self) -> list[int]:
+        app = "/" + self.cfg.layout.app_cgroup
+        procs = [p for p in procfs.iter_processes() if p.cgroup and (p.cgroup == app or p.cgroup.startswith(app + "/"))]
+        decisions = policy.plan(procs, policy.classes_for(self.cfg), self.registry)
+        return [d.pid for d in decisions if d.class_name and not d.essential and d.uid != 0]
 
     # ------------------------------------------------------------ socket ops
 
     def handlers(self) -> dict[str, broker.Handler]:
-        return {"runs": self.op_runs, "kill-run": self.op_kill_run}
+        return {
+            "runs": self.op_runs,
+            "kill-run": self.op_kill_run,
+            "events": self.op_events,
+            "status": self.op_status,
+        }
 
     def op_runs(self, peer: Peer, request: dict) -> dict:
         runs = self.registry.all() if request.get("all") else self.registry.active()
@@ -108,7 +177,39 @@ class Daemon:
     def op_kill_run(self, peer: Peer, request: dict) -> dict:
         if peer.uid != 0:
             raise Refusal("only root may kill runs")
-        raise Refusal("kill-run needs the healer, which is not wired yet")
+        rid = request.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            raise Refusal("kill-run needs an integer id")
+        run = self.registry.get(rid)
+        if run is None:
+            raise Refusal(f"no run {rid}")
+        if not run.active:
+            raise Refusal(f"run {rid} already ended ({run.end_reason})")
+        result = self.healer.kill_run(run, why="stopped by an administrator (oomguard kill-run)")
+        return {"result": result, "message": f"run {rid} ({run.user}: {run.command[:60]}) stopped"}
+
+    def op_events(self, peer: Peer, request: dict) -> dict:
+        since = request.get("since")
+        kinds = request.get("kinds")
+        limit = request.get("limit", 1000)
+        if since is not None and not isinstance(since, int | float):
+            raise Refusal("since must be a number (epoch seconds)")
+        if kinds is not None and not (isinstance(kinds, list) and all(isinstance(k, str) for k in kinds)):
+            raise Refusal("kinds must be a list of strings")
+        if not isinstance(limit, int) or not 0 < limit <= 100_000:
+            raise Refusal("limit must be an integer from 1 to 100000")
+        rows = self.store.query(since=since, kinds=kinds, uid=None if peer.uid == 0 else peer.uid, limit=limit)
+        return {"events": rows}
+
+    def op_status(self, peer: Peer, request: dict) -> dict:
+        out = status.collect(self.cfg)
+        root = peer.uid == 0
+        out["protected"] = status.protected_processes(None if root else peer.uid)
+        out["runs"] = [run_view(r) for r in self.registry.active() if root or r.uid == peer.uid]
+        out["healer"] = self.healer.status()
+        out["last_oom_kills"] = self.store.query(kinds=["oom_kill"], uid=None if root else peer.uid, limit=5)
+        out["daemon"] = {"pid": os.getpid(), "process_events": self.events_mode, "config": self.cfg.source}
+        return out
 
     # ------------------------------------------------------------ threads
 
@@ -128,16 +229,29 @@ class Daemon:
         while not self.stop.wait(0.5):
             for run in self.registry.reap():
                 self.on_run_end(run)
+            self._sample()
+
+    def _sample(self) -> None:
+        app = status.app_slice(self.cfg)
+        self.metrics.set_app_memory(app.get("current"), app.get("max"))
+        psi = status.pressure_summary(procfs.pressure("memory"))
+        if psi:
+            self.metrics.set_psi(psi["some_avg10"], psi["full_avg10"])
+        self.metrics.set_protected(sum(len(self.registry.pids(r)) for r in self.registry.active()))
 
     def _events(self) -> None:
         pe = procevents.ProcEvents()
         try:
             pe.open()
         except OSError as e:
-            log.warning("process events unavailable (%s); exit statuses of runs will be unknown", e)
-            self.events_mode = "poll"
+            log.warning("process events unavailable (%s); polling every %gs instead", e, self.cfg.policy.poll_interval)
+            self.events_mode = "polling"
+            if self.cfg.policy.enforce:
+                self.enforcer.run_polling(self.stop, self.cfg.policy.poll_interval)
             return
         self.events_mode = "events"
+        if self.cfg.policy.enforce:
+            self.enforcer.poll_once(full=True)  # what started before we listened
         pe.run(self.on_proc_event, self.stop)
 
     def start(self) -> None:
@@ -145,13 +259,22 @@ class Daemon:
             procfs.write_oom_score_adj(-1000)
         except OSError as e:
             log.warning("cannot protect the daemon itself (oom_score_adj -1000): %s", e.strerror)
+        if not cgroups.is_v2():
+            log.warning("no cgroup v2 at %s: runs get no cgroup of their own", cgroups.ROOT)
         self.broker.bind()
         self._thread("broker", self.broker.serve, self.stop)
         self._thread("procevents", self._events)
         self._thread("reaper", self._reaper)
+        self._thread("oomwatch", self.oomwatch.run, self.stop)
+        if self.cfg.healer.enabled:
+            self._thread("healer", self.healer.run, self.stop)
+        if self.cfg.metrics.listen:
+            self.metrics_server = self.metrics.serve(self.cfg.metrics.listen)
         log.info("oomguard daemon %d serving %s", os.getpid(), self.cfg.protect.socket)
 
     def reload(self) -> None:
+        """SIGHUP: a valid new config replaces the parts that can change live;
+        an invalid one is refused and the old one stays."""
         try:
             new = config.load(self.config_path)
         except config.ConfigError as e:
@@ -159,13 +282,22 @@ class Daemon:
             return
         self.cfg = new
         self.granter.config = new.protect
-        log.info("config reloaded from %s", new.source or "defaults")
+        self.broker.config = new.protect
+        self.enforcer.classes = policy.classes_for(new)
+        log.info("config reloaded from %s (socket, healer and metrics changes need a restart)", new.source or "defaults")
+
+    def shutdown(self) -> None:
+        for t in self.threads:
+            t.join(timeout=5)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.healer.close()
+        self.store.close()
 
     def wait(self) -> None:
         while not self.stop.wait(0.5):
             pass
-        for t in self.threads:
-            t.join(timeout=3)
+        self.shutdown()
 
 
 def main(config_path: str | None = None) -> int:
@@ -175,14 +307,19 @@ def main(config_path: str | None = None) -> int:
         print(f"oomguard: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    d = Daemon(cfg, config_path)
+    try:
+        d = Daemon(cfg, config_path)
+    except (OSError, events.StoreError) as e:
+        log.error("cannot start: %s", e)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
     signal.signal(signal.SIGINT, lambda *_: d.stop.set())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=d.reload, daemon=True).start())
     try:
         d.start()
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, config.ConfigError) as e:
         log.error("cannot start: %s", e)
+        d.stop.set()
         return 1
     d.wait()
     time.sleep(0)

@@ -1,0 +1,99 @@
+"""Kernel OOM reports become attributed events.
+
+Follows /dev/kmsg (kmsg.py), parses OOM reports, and stores each kill with
+the protected runs that were alive at that moment, so an app user can see
+"your import was running when php-fpm was killed". The kmsg position is
+stored in the same transaction as the event, so a restart neither loses nor
+repeats a report.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from . import kmsg
+from .events import EventStore
+from .metrics import Metrics
+from .runs import RunRegistry
+
+log = logging.getLogger("oomguard.oomwatch")
+
+
+class OomWatcher:
+    def __init__(
+        self,
+        path: str,
+        store: EventStore,
+        registry: RunRegistry,
+        metrics: Metrics | None = None,
+        on_event: Callable[[str, dict], None] | None = None,
+    ):
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.on_event = on_event
+        self.parser = kmsg.OomParser()
+        self.livelocks = kmsg.LivelockTracker()
+        seq = store.get_state("kmsg.seq")
+        self.follower = kmsg.KmsgFollower(
+            path,
+            self.on_record,
+            int(seq) if seq and seq.isdigit() else None,
+            store.get_state("kmsg.boot_id"),
+            on_lost=metrics.kmsg_lost if metrics else None,
+            on_idle=self.on_idle,
+        )
+
+    def attribution(self) -> tuple[list[dict], list[int]]:
+        """The protected runs alive now, and their owners."""
+        runs = [r for r in self.registry.active() if self.registry.alive(r)]
+        return [{"id": r.id, "user": r.user, "uid": r.uid, "command": r.command} for r in runs], [
+            r.uid for r in runs
+        ]
+
+    def on_record(self, rec: kmsg.KmsgRecord) -> None:
+        self.handle(self.parser.feed(rec), rec.seq)
+
+    def on_idle(self) -> None:
+        self.handle(self.parser.expire(kmsg.now_usec()), self.follower.last_seq)
+        if self.metrics:
+            self.metrics.set_livelock(self.livelocks.active(time.monotonic()))
+
+    def handle(self, events: list, seq: int | None) -> None:
+        for ev in events:
+            data = ev.to_dict()
+            data.pop("raw", None)
+            runs, owners = self.attribution()
+            data["protected_runs"] = runs
+            uids = set(owners)
+            if ev.kind == "oom_kill":
+                if ev.victim_uid is not None:
+                    uids.add(ev.victim_uid)
+                if self.metrics:
+                    self.metrics.oom_kill(ev.victim_comm, ev.task_memcg or ev.oom_memcg)
+                log.warning(
+                    "kernel OOM kill: pid=%s comm=%s uid=%s memcg=%s, protected runs alive: %s",
+                    ev.victim_pid, ev.victim_comm, ev.victim_uid, ev.oom_memcg,
+                    [r["id"] for r in runs] or "none",
+                )  # fmt: skip
+            elif ev.kind == "oom_livelock":
+                if self.metrics:
+                    self.metrics.oom_livelock()
+                if not self.livelocks.seen(ev, time.monotonic()):
+                    continue  # one stored per cgroup per minute; the kernel repeats it
+                data["suppressed_repeats"] = self.livelocks.take_suppressed(ev.oom_memcg)
+            state = None
+            if seq is not None:
+                state = {"kmsg.seq": str(self.parser.resume_after(seq)), "kmsg.boot_id": self.follower.boot_id}
+            self.store.add(ev.kind, data, ts=ev.wall_time, uids=sorted(uids), state=state)
+            if self.on_event:
+                self.on_event(ev.kind, data)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self.follower.run(stop)
+        except OSError as e:
+            log.warning("cannot follow the kernel log %s (%s): OOM kills will not be recorded", self.follower.path, e)
