@@ -18,6 +18,7 @@ lowering it again: the point of having a root daemon do this.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -263,6 +264,9 @@ class _Resolver:
         self.class_memo = class_memo if class_memo is not None else {}
         self.protect_memo: dict[tuple[int, int], bool] = {}
         self.origin_memo: dict[tuple[int, int], int | None] = {}
+        # child key -> its parent's class, when the parent is known from a
+        # fork event but may be gone (and the child reparented) by now
+        self.parent_hints: dict[tuple[int, int], PolicyClass | None] = {}
         self._busy: set[tuple[int, int]] = set()
 
     def parent(self, proc: procfs.Proc) -> procfs.Proc | None:
@@ -288,8 +292,11 @@ class _Resolver:
 
             def parent_class() -> PolicyClass | None:
                 if not cached:
-                    par = self.parent(proc)
-                    cached.append(self.class_of(par, depth + 1) if par is not None else None)
+                    if key in self.parent_hints:
+                        cached.append(self.parent_hints[key])
+                    else:
+                        par = self.parent(proc)
+                        cached.append(self.class_of(par, depth + 1) if par is not None else None)
                 return cached[0]
 
             found = next((c for c in self.classes if matches(c, proc, parent_class)), None)
@@ -469,9 +476,10 @@ def apply(
                         d.reason, dry_run=dry_run)
         if not dry_run:
             try:
-                if registry is not None and _protected_now(registry, d.pid, d.starttime):
-                    continue
-                _write_checked(d.pid, d.starttime, d.wanted)
+                with _registry_lock(registry):
+                    if registry is not None and _protected_now(registry, d.pid, d.starttime):
+                        continue
+                    _write_checked(d.pid, d.starttime, d.wanted)
             except (*procfs.GONE, ValueError, IndexError):
                 continue  # exited meanwhile: nothing to do
             except OSError as e:
@@ -479,6 +487,17 @@ def apply(
                 change = Change(**{**asdict(change), "error": f"{e.strerror or e}{hint}"})
         out.append(change)
     return out
+
+
+def _registry_lock(registry: RunRegistry | None) -> Any:
+    """The registry's lock, held from the protection check to the write.
+
+    A grant is registered, then written (-1000). Holding this lock while we
+    check and write means a grant registered meanwhile is either seen by the
+    check or written after our write, never overwritten by it. (RunRegistry
+    has no public lock yet; its RLock is used if there.)"""
+    lock = getattr(registry, "_lock", None)
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 def _protected_now(registry: RunRegistry, pid: int, starttime: int) -> bool:
@@ -576,14 +595,20 @@ class Enforcer:
         return _Resolver(self.classes, self._lookup, self.registry, self.self_pid, self._classes,
                          follow_ancestors=False)
 
-    def check(self, pid: int, *, resolver: _Resolver | None = None) -> Decision | None:
+    def check(self, pid: int, *, parent_pid: int | None = None) -> Decision | None:
         """Classify one live process, fix its value and place it; the
-        decision, or None if it is gone or a kernel thread."""
+        decision, or None if it is gone or a kernel thread. ``parent_pid``:
+        the parent a fork event named, whose class is used even if it has
+        exited since (its exit event comes after the fork event)."""
         proc = procfs.snapshot(pid)
         if proc is None:
             return None
         with self._lock:
-            r = resolver or self._resolver()
+            r = self._resolver()
+            if parent_pid is not None and proc.ppid != parent_pid:
+                known = [k for k in self._classes if k[0] == parent_pid and k[1] <= proc.starttime]
+                if known:
+                    r.parent_hints[proc.key] = self._classes[max(known, key=lambda k: k[1])]
             d = decide(proc, r)
             self._record(apply([d], self.dry_run, registry=self.registry))
             if self.app_cgroup and d.reason != PROTECTED:
@@ -620,7 +645,7 @@ class Enforcer:
             if self.registry is not None:
                 self.registry.on_fork(parent_pid, procfs.starttime_of(parent_pid),
                                       child_pid, procfs.starttime_of(child_pid))
-            return self.check(child_pid)
+            return self.check(child_pid, parent_pid=parent_pid)
 
     def on_exit(self, pid: int, *_: Any) -> None:
         with self._lock:
@@ -632,6 +657,12 @@ class Enforcer:
         """A process changed its uid (cron or sshd becoming the user before
         exec): classes match on uid, so it is looked at like an exec."""
         return self.on_exec(pid)
+
+    def resync(self) -> list[Change]:
+        """A full round: at start (it also learns every live process's class,
+        which fork events of parents that exit quickly need) and after lost
+        events."""
+        return self.poll_once(full=True)
 
     def handle(self, event: tuple) -> None:
         """A procevents tuple: ("fork", parent, child) / ("exec", pid) /
@@ -649,7 +680,7 @@ class Enforcer:
             elif kind == "exit":
                 self.on_exit(event[1])
             elif kind == "lost":
-                self.poll_once(full=True)
+                self.resync()
         except Exception:  # noqa: BLE001
             log.exception("policy: event %r", event)
 

@@ -547,3 +547,72 @@ def test_enforcer_handles_uid_changes_and_lost_events(tmp_path, sleeper_bin, mon
         assert fulls == [True]
     finally:
         _reap(a)
+
+
+def test_apply_checks_and_writes_under_the_registry_lock(tmp_path, monkeypatch):
+    """The broker registers a grant, then writes -1000. Checking and writing
+    under the registry's lock means our write can never land in between."""
+    import threading
+
+    class Registry:
+        _lock = threading.RLock()
+
+        def is_protected(self, pid, starttime, cgroup):
+            assert self._lock._is_owned()
+            return False
+
+    reg = Registry()
+    writes = []
+
+    def write(pid, starttime, value):
+        assert reg._lock._is_owned()
+        writes.append((pid, value))
+
+    monkeypatch.setattr(policy, "_write_checked", write)
+    d = policy.decide(P(77, comm="oomgtest-x"), policy._Resolver(_test_classes(), lambda pid: None, None))
+    assert [c.ok for c in policy.apply([d], registry=reg)] == [True]
+    assert writes == [(77, 500)]
+
+
+def test_on_fork_uses_the_parent_named_by_the_event_even_after_it_exited(tmp_path):
+    sh, sleep = tmp_path / "oomgtest-par", tmp_path / "oomgtest-kid"
+    shutil.copy2("/bin/sh", sh)
+    shutil.copy2(shutil.which("sleep"), sleep)
+    classes = (
+        parse_policy_class({"name": "par", "oom_score_adj": 100, "comm": ["oomgtest-par"]}, "a"),
+        parse_policy_class({"name": "kid", "oom_score_adj": 300, "comm": ["oomgtest-kid"],
+                            "parent": ["par"]}, "b"),
+    )
+    enf = policy.Enforcer(classes, None, self_pid=0)
+    parent = subprocess.Popen([str(sh), "-c", f"read x; {sleep} 60 & exit 0"], stdin=subprocess.PIPE)
+    kid_pid = None
+    try:
+        _wait_comm(parent.pid, "oomgtest-par")
+        assert enf.check(parent.pid).class_name == "par"  # as a resync would have learned it
+        parent.stdin.write(b"go\n")
+        parent.stdin.close()
+        parent.wait(10)
+
+        def kid():
+            for pid in procfs.list_pids():
+                try:
+                    st = procfs.read_stat(pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                if st.comm == "oomgtest-kid" and st.ppid != parent.pid:
+                    return pid
+            return None
+
+        deadline = time.monotonic() + 5
+        while (kid_pid := kid()) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # without the event's parent the orphan has no parent class
+        assert policy.Enforcer(classes, None, self_pid=0).check(kid_pid).class_name is None
+        d = enf.on_fork(parent.pid, kid_pid)
+        assert (d.class_name, procfs.read_oom_score_adj(kid_pid)) == ("kid", 300)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if kid_pid is not None:
+            os.kill(kid_pid, 9)
