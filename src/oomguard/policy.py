@@ -547,7 +547,7 @@ class Enforcer:
         self_pid: int | None = None,
         full_sweep_every: int = 30,
     ):
-        self.classes = classes
+        self._class_list = classes
         self.registry = registry
         self.app_cgroup = cgroups.normalize(app_cgroup) if app_cgroup else None
         self.app_uid = app_uid
@@ -583,7 +583,27 @@ class Enforcer:
             **kw,
         )
 
+    @property
+    def classes(self) -> tuple[PolicyClass, ...]:
+        return self._class_list
+
+    @classes.setter
+    def classes(self, classes: tuple[PolicyClass, ...]) -> None:
+        """New classes (a config reload): forget every class learned so far."""
+        with self._lock:
+            self._class_list = classes
+            self._classes.clear()
+
     # ------------------------------------------------------------ one process
+
+    def classify(self, pid: int) -> Decision | None:
+        """The decision for one live process, without writing or moving
+        anything (for the healer's questions); None if it is gone."""
+        proc = procfs.snapshot(pid)
+        if proc is None:
+            return None
+        with self._lock:
+            return decide(proc, self._resolver())
 
     def _lookup(self, pid: int) -> procfs.Proc | None:
         return procfs.snapshot(pid)

@@ -599,7 +599,8 @@ def test_on_fork_uses_the_parent_named_by_the_event_even_after_it_exited(tmp_pat
                     st = procfs.read_stat(pid)
                 except (FileNotFoundError, ProcessLookupError):
                     continue
-                if st.comm == "oomgtest-kid" and st.ppid != parent.pid:
+                if (st.comm == "oomgtest-kid" and st.ppid != parent.pid
+                        and procfs.read_exe(pid) == str(sleep)):  # ours, not another run's
                     return pid
             return None
 
@@ -616,3 +617,17 @@ def test_on_fork_uses_the_parent_named_by_the_event_even_after_it_exited(tmp_pat
             parent.kill()
         if kid_pid is not None:
             os.kill(kid_pid, 9)
+
+
+def test_classify_writes_nothing_and_new_classes_forget_old_ones(tmp_path, sleeper_bin):
+    enf = policy.Enforcer(_test_classes(600), None, self_pid=0)
+    a = _spawn_sleep(tmp_path, sleeper_bin)
+    try:
+        d = enf.classify(a.pid)
+        assert (d.class_name, d.wanted, d.action) == ("oomgtest", 600, "set")
+        assert procfs.read_oom_score_adj(a.pid) == 0
+        assert enf.classify(999_999_999) is None
+        enf.classes = (parse_policy_class({"name": "other", "oom_score_adj": 100, "comm": ["none"]}, "o"),)
+        assert enf.classify(a.pid).class_name is None  # not the remembered "oomgtest"
+    finally:
+        _reap(a)
