@@ -158,10 +158,6 @@ def refusal_text(cfg: ProtectConfig, peer: Peer) -> str:
 # ---------------------------------------------------------------- run cgroups
 
 
-def on_systemd() -> bool:
-    return os.path.isdir("/run/systemd/system")
-
-
 def systemd_scope_argv(name: str, pid: int, slice_: str, description: str) -> list[str]:
     """busctl call that asks systemd for a transient scope holding ``pid``."""
     return [
@@ -179,7 +175,7 @@ def make_run_cgroup(run_id: int, pid: int, caller_cgroup: str | None) -> str | N
     """Give the run a cgroup of its own, inside whatever limits its caller had."""
     if caller_cgroup is None or not cgroups.is_v2():
         return None
-    if on_systemd():
+    if cgroups.systemd_booted():
         unit = cgroups.unit_of(caller_cgroup)
         parent = caller_cgroup.rsplit("/", 1)[0] if unit else caller_cgroup
         slice_ = parent.rsplit("/", 1)[-1] or "-.slice"

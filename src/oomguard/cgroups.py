@@ -35,6 +35,29 @@ def join(parent: str, child: str) -> str:
     return normalize(f"{parent.rstrip('/')}/{child}")
 
 
+def systemd_booted() -> bool:
+    """sd_booted(): systemd is PID 1 and manages the cgroup tree."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def slice_path(slice_name: str) -> str:
+    """The cgroup path of a systemd slice: dashes nest ("a-b.slice" is
+    /a.slice/a-b.slice), which is where the slice's processes show up."""
+    stem = slice_name.removesuffix(".slice")
+    if not stem or stem == "-":
+        return "/"
+    parts = stem.split("-")
+    return "/" + "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def app_group(slice_name: str, plain_cgroup: str, systemd: bool | None = None) -> str:
+    """Where the app user's processes live: the slice under systemd, the
+    plain cgroup oomguard made itself elsewhere."""
+    if systemd_booted() if systemd is None else systemd:
+        return slice_path(slice_name)
+    return normalize(plain_cgroup)
+
+
 def is_v2() -> bool:
     return (ROOT / "cgroup.controllers").exists()
 

@@ -87,6 +87,7 @@ class Daemon:
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.broker = Broker(cfg, self.granter, self.handlers())
         self.enforcer = policy.Enforcer.from_config(cfg, self.registry, on_change=self.on_policy_change)
+        self.app_cgroup = cgroups.app_group(cfg.layout.app_slice, cfg.layout.app_cgroup)
         self.healer = healer.Healer(
             cfg,
             self.registry,
@@ -95,6 +96,7 @@ class Daemon:
             is_exempt=self.is_exempt,
             nonessential_pids=self.nonessential_pids,
             metric=self.on_metric,
+            app_cgroup=self.app_cgroup,
         )
         self.oomwatch = oomwatch.OomWatcher(cfg.events.kmsg, self.store, self.registry, self.metrics)
         self.threads: list[threading.Thread] = []
@@ -149,11 +151,11 @@ class Daemon:
     # ------------------------------------------------------------ policy hooks for the healer
 
     def is_exempt(self, proc: procfs.Proc) -> bool:
-        decision = self.enforcer.check(proc.pid)
+        decision = self.enforcer.classify(proc.pid)
         return decision is not None and decision.healer_exempt
 
     def nonessential_pids(self) -> list[int]:
-        app = "/" + self.cfg.layout.app_cgroup
+        app = self.app_cgroup
         procs = [p for p in procfs.iter_processes() if p.cgroup and (p.cgroup == app or p.cgroup.startswith(app + "/"))]
         decisions = policy.plan(procs, policy.classes_for(self.cfg), self.registry)
         return [d.pid for d in decisions if d.class_name and not d.essential and d.uid != 0]

@@ -55,7 +55,15 @@ INHERITED = "inherited grant revoked"
 # cgroup, where everything lives on a host without systemd). The app slice
 # and user sessions other than root's are deliberately not in this list, nor
 # are container scopes (docker-*.scope), whose runtimes set their own values.
-ROOT_CGROUPS = ["/", "/init.scope", "/system.slice/*.service", "/user.slice/user-0.slice/*"]
+# Root automation: named agents and root's own sessions, not every root
+# process. A blanket -1000 on root would make any runaway root service
+# unkillable, and every child a root process forks inherits the value; the
+# reserve outside the app slice is what keeps root able to act.
+ROOT_AUTOMATION_UNITS = [
+    "cron.service", "crond.service", "salt-minion.service", "puppet.service",
+    "chef-client.service", "ansible-pull.service", "oomguard-*.service",
+]  # fmt: skip
+ROOT_CGROUPS = ["/user.slice/user-0.slice/*"]
 
 
 def _user_exists(name: str) -> bool:
@@ -130,6 +138,13 @@ def default_class_tables(app_user: str = LayoutConfig.app_user) -> list[dict[str
         },
         {
             "name": "root-automation",
+            "oom_score_adj": -1000,
+            "user": ["root"],
+            "unit": list(ROOT_AUTOMATION_UNITS),
+            "healer_exempt": True,
+        },
+        {
+            "name": "root-sessions",
             "oom_score_adj": -1000,
             "user": ["root"],
             "cgroup": list(ROOT_CGROUPS),
@@ -567,10 +582,8 @@ class Enforcer:
     def from_config(
         cls, config: Config, registry: RunRegistry | None, *, systemd: bool | None = None, **kw: Any
     ) -> Enforcer:
-        from .setup import has_systemd  # local: setup imports this module
-
         if systemd is None:
-            systemd = has_systemd()
+            systemd = cgroups.systemd_booted()
         try:
             app_uid: int | None = pwd.getpwnam(config.layout.app_user).pw_uid
         except KeyError:

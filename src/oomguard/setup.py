@@ -47,19 +47,8 @@ class SetupError(RuntimeError):
     pass
 
 
-def has_systemd() -> bool:
-    """sd_booted(): systemd is PID 1."""
-    return os.path.isdir("/run/systemd/system")
-
-
-def slice_cgroup(slice_name: str) -> str:
-    """The cgroup path of a slice: dashes nest ("a-b.slice" is
-    /a.slice/a-b.slice), which is where the app slice's processes show up."""
-    stem = slice_name.removesuffix(".slice")
-    if not stem or stem == "-":
-        return "/"
-    parts = stem.split("-")
-    return "/" + "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
+has_systemd = cgroups.systemd_booted
+slice_cgroup = cgroups.slice_path
 
 
 def app_limit(config: Config, ram_bytes: int) -> int:

@@ -30,20 +30,19 @@ def pressure_summary(text: dict[str, dict[str, float]] | None) -> dict[str, floa
 def app_slice(cfg: Config) -> dict[str, Any]:
     """The app cgroup's usage against its limit (the systemd slice, or the
     plain cgroup on a host without systemd)."""
-    candidates = [f"/{cfg.layout.app_slice}", f"/{cfg.layout.app_cgroup}"]
-    for cg in candidates:
-        if cgroups.exists(cg) and cg != "/":
-            events = cgroups.memory_events(cg)
-            psi = cgroups.pressure(cg)
-            return {
-                "cgroup": cg,
-                "current": cgroups.memory_current(cg),
-                "max": cgroups.memory_max(cg),
-                "oom": events.get("oom", 0),
-                "oom_kill": events.get("oom_kill", 0),
-                "pressure": pressure_summary(procfs.parse_pressure(psi)) if psi else None,
-            }
-    return {"cgroup": None}
+    cg = cgroups.app_group(cfg.layout.app_slice, cfg.layout.app_cgroup)
+    if cg == "/" or not cgroups.exists(cg):
+        return {"cgroup": None}
+    events = cgroups.memory_events(cg)
+    psi = cgroups.pressure(cg)
+    return {
+        "cgroup": cg,
+        "current": cgroups.memory_current(cg),
+        "max": cgroups.memory_max(cg),
+        "oom": events.get("oom", 0),
+        "oom_kill": events.get("oom_kill", 0),
+        "pressure": pressure_summary(procfs.parse_pressure(psi)) if psi else None,
+    }
 
 
 def protected_processes(uid: int | None = None) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ from oomguard.runs import Run, RunRegistry
 
 LIMIT = 448 << 20  # the app cgroup at first: room for the shop and the user
 RESERVE = 64 << 20
-ROOT_CLASSES = ("root-automation", "oomguard")
+ROOT_CLASSES = ("root-automation", "root-sessions", "oomguard")
 
 
 # ---------------------------------------------------------------- helpers

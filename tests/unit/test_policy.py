@@ -249,16 +249,20 @@ def test_root_automation_and_what_it_is_not(classes):
         INIT,
         P(200, comm="cron", exe="/usr/sbin/cron", cgroup="/system.slice/cron.service"),
         P(201, comm="bash", exe="/bin/bash", cgroup="/user.slice/user-0.slice/session-3.scope"),
-        P(202, comm="salt-minion", exe="/usr/bin/python3", cgroup="/"),
+        P(202, comm="salt-minion", exe="/usr/bin/python3", cgroup="/system.slice/salt-minion.service"),
         P(203, comm="node", exe="/usr/bin/node", cgroup="/system.slice/docker-abc.scope"),
         P(204, comm="sh", exe="/bin/sh", cgroup="/oomguard.app"),
         P(205, comm="python3", exe="/usr/bin/python3", cgroup="/system.slice/oomguard.service"),
+        # root, but not automation: left to the kernel (and to the reserve outside the app slice)
+        P(206, comm="postfix", exe="/usr/lib/postfix/master", cgroup="/system.slice/postfix.service"),
+        P(207, comm="runaway", exe="/usr/local/bin/runaway", cgroup="/"),
     ]
     d = by_pid(policy.plan(procs, classes, None))
-    for pid in (200, 201, 202):
-        assert (d[pid].class_name, d[pid].wanted) == ("root-automation", -1000)
+    for pid, name in ((200, "root-automation"), (201, "root-sessions"), (202, "root-automation")):
+        assert (d[pid].class_name, d[pid].wanted) == (name, -1000)
         assert d[pid].healer_exempt
-    assert d[203].class_name is None and d[204].class_name is None
+    for pid in (203, 204, 206, 207):
+        assert d[pid].class_name is None, pid
     assert d[205].class_name == "oomguard" and d[205].healer_exempt
     assert d[1].reason == policy.INIT and d[1].wanted is None
 
@@ -300,7 +304,7 @@ def test_inherited_grants_are_taken_back(classes):
     assert (d[404].class_name, d[404].wanted) == ("app-cron", 1000)
     assert (d[405].reason, d[406].reason) == (policy.UNMATCHED, policy.UNMATCHED)
     assert d[407].action == "skip"
-    assert d[1].class_name == "root-automation"  # init matches, but is never an origin
+    assert d[1].reason == policy.INIT  # never an origin of an inherited grant
     assert (d[408].action, d[408].reason) == ("skip", policy.UNMATCHED)
 
 
