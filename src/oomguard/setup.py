@@ -233,6 +233,11 @@ def app_uid_of(config: Config) -> int | None:
 
 
 def default_exec() -> str:
+    """The oomguard script beside this interpreter (a venv's, say); PATH
+    lookups can find shims that need a login environment."""
+    beside = Path(sys.executable).with_name("oomguard")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     return shutil.which("oomguard") or DEFAULT_EXEC
 
 
