@@ -289,17 +289,6 @@ class Granter:
         command = self.command_of(peer)
         run_id = self.registry.new_id()
         cgroup = make_run_cgroup(run_id, peer.pid, caller_cgroup) if self.config.run_cgroups else None
-        try:
-            procfs.write_oom_score_adj(PROTECTED, dir_fd=peer.dirfd)
-        except (ProcessLookupError, FileNotFoundError):
-            self._undo(cgroup)
-            raise Refusal("the requesting process is gone", "gone") from None
-        except OSError as e:
-            self._undo(cgroup)
-            raise Refusal(f"the broker could not set oom_score_adj: {e.strerror}", "error") from None
-        if not pidfd_alive(peer.pidfd):
-            self._undo(cgroup)
-            raise Refusal("the requesting process is gone", "gone")
         run = Run(
             id=run_id,
             uid=peer.uid,
@@ -311,7 +300,21 @@ class Granter:
             cgroup=cgroup,
             tty=tty_path(st.tty_nr),
         )
-        self.registry.add(run)
+        # Registered before the write, under the registry's lock: the policy
+        # checks protection under the same lock, so it can never overwrite
+        # the -1000 with a class value it decided a moment earlier.
+        with self.registry.lock:
+            self.registry.add(run)
+            try:
+                procfs.write_oom_score_adj(PROTECTED, dir_fd=peer.dirfd)
+                if not pidfd_alive(peer.pidfd):
+                    raise ProcessLookupError
+            except (ProcessLookupError, FileNotFoundError):
+                self._undo(run)
+                raise Refusal("the requesting process is gone", "gone") from None
+            except OSError as e:
+                self._undo(run)
+                raise Refusal(f"the broker could not set oom_score_adj: {e.strerror}", "error") from None
         log.info(
             "granted protection: run=%d uid=%d user=%s pid=%d cgroup=%s command=%r",
             run.id, run.uid, run.user, run.pid, cgroup, command,
@@ -319,11 +322,11 @@ class Granter:
         self.on_grant(run)
         return run
 
-    @staticmethod
-    def _undo(cgroup: str | None) -> None:
-        if cgroup:
+    def _undo(self, run: Run) -> None:
+        self.registry.discard(run.id)
+        if run.cgroup:
             try:
-                cgroups.remove(cgroup)
+                cgroups.remove(run.cgroup)
             except OSError:
                 pass
 

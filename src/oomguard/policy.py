@@ -509,10 +509,8 @@ def _registry_lock(registry: RunRegistry | None) -> Any:
 
     A grant is registered, then written (-1000). Holding this lock while we
     check and write means a grant registered meanwhile is either seen by the
-    check or written after our write, never overwritten by it. (RunRegistry
-    has no public lock yet; its RLock is used if there.)"""
-    lock = getattr(registry, "_lock", None)
-    return lock if lock is not None else contextlib.nullcontext()
+    check or written after our write, never overwritten by it."""
+    return registry.lock if registry is not None else contextlib.nullcontext()
 
 
 def _protected_now(registry: RunRegistry, pid: int, starttime: int) -> bool:

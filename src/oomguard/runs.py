@@ -57,7 +57,10 @@ class RunRegistry:
     def __init__(self, path: str | Path, boot_id: str | None = None):
         self.path = Path(path)
         self.boot_id = boot_id or procfs.boot_id()
-        self._lock = threading.RLock()
+        # Public: the policy holds it from its protection check to its write,
+        # and the broker from registering a grant to writing -1000.
+        self.lock = threading.RLock()
+        self._lock = self.lock
         self._runs: dict[int, Run] = {}
         self._next_id = 1
         # (pid, starttime) of processes that belong to a run but live outside
@@ -116,6 +119,12 @@ class RunRegistry:
             self._runs[run_id] = run
             self._save()
             return run
+
+    def discard(self, run_id: int) -> None:
+        """Forget a run whose grant did not go through."""
+        with self._lock:
+            if self._runs.pop(run_id, None) is not None:
+                self._save()
 
     def add_member(self, key: tuple[int, int], run_id: int) -> None:
         with self._lock:
