@@ -72,7 +72,19 @@ def main() -> int:
     print(f"runs={args.runs} uid={os.getuid()} python={sys.executable}")
     ratio = med["oom-protect true"] / base
     print(f"oom-protect / python3 -I: {ratio:.2f} (target <= 1.5)")
+    print("modules the client imports beyond the interpreter's own start-up:", ", ".join(extra_imports()))
     return 0
+
+
+def imported(argv: list[str]) -> set[str]:
+    err = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True).stderr
+    return {line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")} - {"package"}
+
+
+def extra_imports() -> list[str]:
+    """python3 -X importtime on the installed script, against bare start-up."""
+    script = str(BIN / "oom-protect")
+    return sorted(imported([script, "true"]) - imported(["-c", "pass"]))
 
 
 if __name__ == "__main__":
