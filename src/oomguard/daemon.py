@@ -209,6 +209,8 @@ class Daemon:
         out["protected"] = status.protected_processes(None if root else peer.uid)
         out["runs"] = [run_view(r) for r in self.registry.active() if root or r.uid == peer.uid]
         out["healer"] = self.healer.status()
+        if not root:  # other users' runs and commands are not theirs to see
+            out["healer"] = {k: v for k, v in out["healer"].items() if k not in ("last_actions", "killed_runs")}
         out["last_oom_kills"] = self.store.query(kinds=["oom_kill"], uid=None if root else peer.uid, limit=5)
         out["daemon"] = {"pid": os.getpid(), "process_events": self.events_mode, "config": self.cfg.source}
         return out
