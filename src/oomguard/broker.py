@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pwd
+import queue
 import select
 import selectors
 import socket
@@ -349,12 +350,22 @@ Handler = Callable[[Peer, dict], dict]
 
 class Broker:
     """The socket server. ``handlers`` answer the ops other than "protect"
-    (runs, events, status, kill-run, ...), given the kernel-verified peer."""
+    (runs, events, status, kill-run, ...), given the kernel-verified peer.
+    Ops in ``slow_ops`` (kill-run waits out a SIGTERM grace) run in a thread
+    of their own, so the loop keeps serving grants meanwhile."""
 
-    def __init__(self, config: Config, granter: Granter, handlers: dict[str, Handler] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        granter: Granter,
+        handlers: dict[str, Handler] | None = None,
+        slow_ops: frozenset[str] = frozenset(),
+    ):
         self.config = config.protect
         self.granter = granter
         self.handlers = dict(handlers or {})
+        self.slow_ops = slow_ops
+        self._finished: queue.SimpleQueue[tuple[_Conn, dict]] = queue.SimpleQueue()
         self.sock: socket.socket | None = None
         self._conns: dict[int, _Conn] = {}
         self._per_uid: dict[int, int] = {}
@@ -426,6 +437,10 @@ class Broker:
             except Exception:  # noqa: BLE001 - no peer may crash the daemon
                 log.exception("broker: dropping connection from pid %d", conn.peer.pid)
                 self._drop(conn)
+        while not self._finished.empty():
+            conn, reply = self._finished.get()
+            if conn.sock.fileno() in self._conns:
+                self._reply(conn, reply)
         now = time.monotonic()
         for conn in list(self._conns.values()):
             if now >= conn.deadline:
@@ -489,7 +504,10 @@ class Broker:
         conn.inbuf += chunk
         if b"\n" in conn.inbuf:
             line = bytes(conn.inbuf.split(b"\n", 1)[0])
-            self._reply(conn, self.handle(conn.peer, line))
+            if self._is_slow(line):
+                self._defer(conn, line)
+            else:
+                self._reply(conn, self.handle(conn.peer, line))
         elif len(conn.inbuf) > MAX_REQUEST:
             self._reply(conn, {"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"})
 
@@ -522,11 +540,33 @@ class Broker:
             return {"ok": False, "error": f"internal error: {e.__class__.__name__}"}
         return {"ok": True, **result}
 
+    def _is_slow(self, line: bytes) -> bool:
+        if not self.slow_ops:
+            return False
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(request, dict) and request.get("op") in self.slow_ops
+
+    def _defer(self, conn: _Conn, line: bytes) -> None:
+        conn.replied = True  # no more reading, and no timeout while it works
+        conn.deadline = float("inf")
+        self._sel.unregister(conn.sock)
+        threading.Thread(
+            target=lambda: self._finished.put((conn, self.handle(conn.peer, line))),
+            name="broker-slow-op",
+            daemon=True,
+        ).start()
+
     def _reply(self, conn: _Conn, reply: dict) -> None:
         conn.replied = True
         conn.outbuf = encode(reply)
         conn.deadline = time.monotonic() + self.config.request_timeout
-        self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        try:
+            self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        except KeyError:  # unregistered while a slow op ran
+            self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
         self._flush(conn)
 
     def _flush(self, conn: _Conn) -> None:

@@ -124,7 +124,7 @@ def render_status(d: dict) -> str:
     h = d.get("healer") or {}
     checks = h.get("checks", {})
     for name, c in checks.items():
-        state = "down" if c.get("down") else ("up" if c.get("ok") else "failing")
+        state = "down" if c.get("down") else ("up" if c.get("healthy") else "failing")
         lines.append(f"check       {name}: {state} {c.get('detail') or ''}".rstrip())
     healer_line = f"healer      {h.get('phase', '-')}"
     if h.get("window"):
@@ -159,7 +159,10 @@ def cmd_top(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     from .events import parse_since
 
-    since = parse_since(args.since) if args.since else None
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        raise config.ConfigError(f"--since: {e}") from None
     kinds = args.kind or None
     reply = request("events", _socket(args), since=since, kinds=kinds, limit=args.limit)
     rows = reply["events"]

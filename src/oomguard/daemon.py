@@ -13,6 +13,7 @@ The daemon keeps itself at oom_score_adj -1000; what it starts begins at 0.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -85,7 +86,7 @@ class Daemon:
         self.store = events.EventStore(cfg.events.db, cfg.events.max_age, cfg.events.max_rows)
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
-        self.broker = Broker(cfg, self.granter, self.handlers())
+        self.broker = Broker(cfg, self.granter, self.handlers(), slow_ops=frozenset({"kill-run"}))
         self.enforcer = policy.Enforcer.from_config(cfg, self.registry, on_change=self.on_policy_change)
         self.app_cgroup = cgroups.app_group(cfg.layout.app_slice, cfg.layout.app_cgroup)
         self.healer = healer.Healer(
@@ -194,11 +195,13 @@ class Daemon:
         since = request.get("since")
         kinds = request.get("kinds")
         limit = request.get("limit", 1000)
-        if since is not None and not isinstance(since, int | float):
+        if since is not None and (
+            isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since)
+        ):
             raise Refusal("since must be a number (epoch seconds)")
         if kinds is not None and not (isinstance(kinds, list) and all(isinstance(k, str) for k in kinds)):
             raise Refusal("kinds must be a list of strings")
-        if not isinstance(limit, int) or not 0 < limit <= 100_000:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
             raise Refusal("limit must be an integer from 1 to 100000")
         rows = self.store.query(since=since, kinds=kinds, uid=None if peer.uid == 0 else peer.uid, limit=limit)
         return {"events": rows}

@@ -677,6 +677,7 @@ class Healer:
                 "shop down: checks %s failing since %s (first failing probe); window %s, grace %s",
                 ",".join(inc.checks), local.isoformat(timespec="seconds"), inc.window, _fmt_duration(inc.grace),
             )  # fmt: skip
+            self._save()  # before the event: a crash in between must not start a second incident
             self._record(
                 "healer",
                 {
@@ -688,7 +689,6 @@ class Healer:
                 },
                 self._active_uids(),
             )
-            self._save()
             return
         if inc.recovered is None and self.monitor.healthy():
             inc.recovered = now

@@ -21,6 +21,9 @@ from .runs import RunRegistry
 
 log = logging.getLogger("oomguard.oomwatch")
 
+# kernel timestamps turned into wall time drift a little (btime is whole seconds)
+SLACK = 1.0
+
 
 class OomWatcher:
     def __init__(
@@ -47,9 +50,17 @@ class OomWatcher:
             on_idle=self.on_idle,
         )
 
-    def attribution(self) -> tuple[list[dict], list[int]]:
-        """The protected runs alive now, and their owners."""
-        runs = [r for r in self.registry.active() if self.registry.alive(r)]
+    def attribution(self, when: float | None) -> tuple[list[dict], list[int]]:
+        """The protected runs alive at wall time ``when`` (now if unknown), and
+        their owners. A report read late (after a restart) still names the
+        runs of its moment, not those of the moment it was read."""
+        if when is None:
+            runs = [r for r in self.registry.active() if self.registry.alive(r)]
+        else:
+            runs = [
+                r for r in self.registry.all()
+                if r.started - SLACK <= when <= (r.ended if r.ended is not None else float("inf")) + SLACK
+            ]  # fmt: skip
         return [{"id": r.id, "user": r.user, "uid": r.uid, "command": r.command} for r in runs], [
             r.uid for r in runs
         ]
@@ -66,7 +77,7 @@ class OomWatcher:
         for ev in events:
             data = ev.to_dict()
             data.pop("raw", None)
-            runs, owners = self.attribution()
+            runs, owners = self.attribution(ev.wall_time)
             data["protected_runs"] = runs
             uids = set(owners)
             if ev.kind == "oom_kill":

@@ -95,8 +95,6 @@ def test_status_with_a_daemon_shows_every_part():
     assert not any(line != line.rstrip() for line in lines)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG cli.render_status reads c.get('ok'), but HealthMonitor.status() "
-                   "names the last probe's result 'healthy': a passing check is shown as 'failing'")
 def test_status_shows_a_passing_check_as_up():
     lines = cli.render_status(status_reply()).splitlines()
     assert "check       db: up" in lines  # healthy: True, down: False, detail None

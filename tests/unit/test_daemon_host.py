@@ -304,8 +304,6 @@ def test_events_with_malformed_fields_gets_a_clear_refusal(daemon, fields, error
     assert daemon.request("events", limit=1)["ok"] is True  # and it serves on
 
 
-@pytest.mark.xfail(strict=True, reason="BUG daemon.op_events: JSON true passes isinstance(_, int) "
-                   "for since and limit, NaN passes for since (silently no events)")
 @pytest.mark.parametrize("raw", [b'{"op": "events", "since": true}\n', b'{"op": "events", "limit": true}\n',
                                  b'{"op": "events", "since": NaN}\n'])
 def test_events_refuses_booleans_and_nan(daemon, raw):
@@ -318,8 +316,6 @@ def test_events_cli_refusals_are_one_line_and_exit_1(daemon):
     assert r.stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG cli.cmd_events: parse_since's ValueError is not caught; "
-                   "`oomguard events --since yesterday` prints a traceback")
 def test_events_cli_bad_since_is_a_clear_error(daemon):
     r = daemon.cli("events", "--since", "yesterday")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--since" in r.stderr
@@ -391,8 +387,6 @@ def test_kill_run_as_root_ends_the_run_after_sigterm_is_ignored(daemon, nobody_s
     assert killed and killed[-1]["data"]["run"] == 1 and killed[-1]["data"]["pids"] == [nobody_sleeper.pid]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG daemon.op_kill_run: runs healer.kill_run (up to term_timeout "
-                   "+ kill_timeout) inside the broker's selector thread, so every other request waits")
 def test_the_broker_serves_others_while_a_kill_run_waits(daemon, nobody_sleeper):
     killer = threading.Thread(target=daemon.request, args=("kill-run",), kwargs={"id": 1, "timeout": 30})
     killer.start()

@@ -559,17 +559,17 @@ def test_apply_checks_and_writes_under_the_registry_lock(tmp_path, monkeypatch):
     import threading
 
     class Registry:
-        _lock = threading.RLock()
+        lock = threading.RLock()
 
         def is_protected(self, pid, starttime, cgroup):
-            assert self._lock._is_owned()
+            assert self.lock._is_owned()
             return False
 
     reg = Registry()
     writes = []
 
     def write(pid, starttime, value):
-        assert reg._lock._is_owned()
+        assert reg.lock._is_owned()
         writes.append((pid, value))
 
     monkeypatch.setattr(policy, "_write_checked", write)
