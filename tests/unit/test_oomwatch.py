@@ -1,0 +1,51 @@
+"""Kernel OOM reports become attributed events."""
+
+import time
+
+from oomguard import kmsg, oomwatch
+from oomguard.events import EventStore
+from oomguard.runs import Run, RunRegistry
+
+
+def run(rid, uid, started, ended=None):
+    return Run(id=rid, uid=uid, user=f"u{uid}", pid=1000 + rid, starttime=rid, started=started,
+               command=f"job {rid}", cgroup=None, ended=ended)
+
+
+def watcher(tmp_path, *runs):
+    reg = RunRegistry(tmp_path / "runs.json", "boot")
+    for r in runs:
+        reg.add(r)
+    store = EventStore(":memory:", 3600, 1000)
+    return oomwatch.OomWatcher(str(tmp_path / "no-kmsg"), store, reg), store
+
+
+def kill(at):
+    return kmsg.OomKill(
+        seq=7, ts_usec=1, wall_time=at, invoker_comm="php", invoker_pid=5, constraint="CONSTRAINT_MEMCG",
+        oom_memcg="/app", task_memcg="/app", victim_pid=42, victim_comm="php-fpm8.2", victim_uid=33,
+        total_vm_kb=1, anon_rss_kb=2, file_rss_kb=3, shmem_rss_kb=0, oom_score_adj=200, raw=[],
+    )
+
+
+def test_a_kill_names_the_runs_alive_at_its_moment_not_at_reading(tmp_path):
+    t = time.time() - 600
+    w, store = watcher(
+        tmp_path,
+        run(1, 1000, t - 100, ended=t + 50),  # alive at the kill, ended before it was read
+        run(2, 1001, t + 60),  # started after the kill
+        run(3, 1002, t - 500, ended=t - 400),  # long gone
+    )
+    w.handle([kill(t)], seq=7)
+    (event,) = store.query(kinds=["oom_kill"])
+    assert [r["id"] for r in event["data"]["protected_runs"]] == [1]
+    assert sorted(event["uids"]) == [33, 1000]  # the victim and the run's owner see it
+    assert store.get_state("kmsg.seq") is not None  # position stored with the event
+
+
+def test_privacy_follows_attribution(tmp_path):
+    t = time.time() - 60
+    w, store = watcher(tmp_path, run(1, 1000, t - 10))
+    w.handle([kill(t)], seq=9)
+    assert store.query(uid=1000, kinds=["oom_kill"])
+    assert not store.query(uid=1001, kinds=["oom_kill"])
