@@ -1,86 +1,116 @@
-"""The demo's story, told as a timeline (run as root in the real-kernel guest
-by demo/run).
+"""The demo's story: the auto-healer's flagship scenario, played live as a
+timeline (run as root in the real-kernel guest by demo/run).
 
-v1: a memory-limited cgroup holds an ordinary process and a protected one;
-memory runs out; the kernel kills the ordinary one and spares the protected one.
+A real shop (nginx -> php-fpm -> MariaDB) runs in an app cgroup with a tight
+memory limit; `oomguard daemon` watches its URL. The shop's user runs a big
+import under `oom-protect`, so the kernel's OOM killer must spare it:
+
+  Case A  the import finishes within the grace: the kernel kills php-fpm and
+          nginx for it, it completes, and when the grace expires the healer
+          finds nothing to kill and restarts the services.
+  Case B  the import stalls past the grace: it wants more than exists, only
+          unkillable tasks are left, the cgroup livelocks, and when the grace
+          expires the healer kills the import and restarts the services.
+
+Every step is printed as it happens, with its time since the case began.
+The scenario's code is tests/guest/flagship.py, which the real-kernel test
+tests/guest/test_flagship_guest.py runs too. Figures go to
+/results/flagship.json (the host's results directory).
 """
 
 from __future__ import annotations
 
 import os
-import pwd
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-T0 = time.monotonic()
-CG = Path("/sys/fs/cgroup/demo-app")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "guest"))
+
+from flagship import (  # noqa: E402
+    APP_USER,
+    GRACE,
+    LIMIT,
+    TERM_TIMEOUT,
+    CaseResult,
+    Flagship,
+    exit_text,
+    verdict,
+    write_results,
+)
+
+WIDTH = 78
 
 
-def say(text: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {text}", flush=True)
+def out(text: str = "") -> None:
+    print(text, flush=True)
 
 
-def user(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--user-group", name], check=True)
-        return pwd.getpwnam(name)
+def banner(text: str) -> None:
+    out()
+    out(f"== {text} " + "=" * max(3, WIDTH - len(text) - 4))
 
 
-def in_cgroup_as(pw: pwd.struct_passwd, argv: list[str], **kw) -> subprocess.Popen:
-    # setpriv execs; the cgroup is entered by writing our pid first
-    return subprocess.Popen(
-        ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", *argv],
-        preexec_fn=lambda: (CG / "cgroup.procs").write_text(str(os.getpid())),
-        env={"PATH": os.environ["PATH"], "HOME": pw.pw_dir, "OOMGUARD_SOCKET": "/run/oomguard/protect.sock"},
-        **kw,
-    )
+def secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def summary(res: CaseResult) -> None:
+    f = res.figures
+    out("   ---")
+    out(f"   downtime: {secs(f['downtime_our_probe'])} by our probe "
+        f"({secs(f['downtime_daemon'])} by oomguard's clock)")  # fmt: skip
+    gone = f.get("expiry_to_protected_gone")
+    if res.case == "A":
+        if gone is not None:
+            out(f"   the import finished ({exit_text(res.import_status)}) {secs(-gone)} before "
+                f"the grace expired; the healer killed nothing")  # fmt: skip
+    else:
+        if res.livelock_seen:
+            out(f"   livelock: oom +{res.livelock_seen['oom_per_second']}/s with oom_kill stuck at "
+                f"{res.livelock_seen['oom_kill']}; oomguard reported it")  # fmt: skip
+        out(f"   grace expiry -> protected import gone: {secs(gone)} "
+            f"(SIGTERM ignored, SIGKILL after {TERM_TIMEOUT:g}s via cgroup.kill)")  # fmt: skip
+    out(f"   grace expiry -> shop answering again: {secs(f.get('expiry_to_healthy_our_probe'))} "
+        f"(restart of php-fpm and nginx included)")  # fmt: skip
+    out(f"   healer loop: a tick every {f['healer_loop_period_mean_sampled']}s on average "
+        f"(slowest {f['healer_loop_period_max_sampled']}s), longest tick "
+        f"{f['healer_max_tick_seconds']:.3f}s")  # fmt: skip
+    out(f"   MariaDB: pid {res.mariadb_pid_before} before, {res.mariadb_pid_after} after, "
+        f"oom_score_adj {res.mariadb_adj}; kernel victims: "
+        f"{', '.join(sorted({v['comm'] for v in res.victims}))} ({len(res.victims)})")  # fmt: skip
 
 
 def main() -> int:
-    app = user("app")
-    say("a shop's app cgroup with memory.max = 100 MiB")
-    CG.mkdir(exist_ok=True)
-    (CG / "memory.max").write_text(str(100 << 20))
-    (CG / "memory.swap.max").write_text("0")
-    Path("/etc/oomguard").mkdir(exist_ok=True)
-    daemon = subprocess.Popen([str(BIN / "oomguard"), "daemon"], stderr=open("/tmp/oomguard-daemon.log", "w"))
-    while not Path("/run/oomguard/protect.sock").exists():
-        time.sleep(0.05)
-    say("oomguard daemon is up; the broker listens on /run/oomguard/protect.sock")
-
-    ordinary = in_cgroup_as(app, [sys.executable, "-c", "x = bytearray(45 << 20)\nfor i in range(0, len(x), 4096): x[i] = 1\nimport time; time.sleep(600)"])
-    say(f"app starts an ordinary job (pid {ordinary.pid}) that holds 45 MiB")
-    time.sleep(3)
-    hog_code = textwrap.dedent("""
-        import os, time
-        print(f"import running as pid {os.getpid()} with oom_score_adj", open("/proc/self/oom_score_adj").read().strip(), flush=True)
-        chunks = []
-        for n in range(70):
-            c = bytearray(1 << 20)
-            for i in range(0, len(c), 4096): c[i] = 1
-            chunks.append(c)
-        print(f"import done: {len(chunks)} MiB held, finished", flush=True)
-    """)
-    say("app runs: oom-protect python3 import.py  (it will want 70 MiB more)")
-    hog = in_cgroup_as(app, [str(BIN / "oom-protect"), sys.executable, "-c", hog_code], stdout=subprocess.PIPE, text=True)
-    for line in hog.stdout:
-        say(f"  import: {line.strip()}")
-    hog.wait()
-    status = ordinary.wait(timeout=60)
-    say(f"the ordinary job ended with {'SIGKILL from the OOM killer' if status == -9 else status}")
-    events = dict(line.split() for line in (CG / "memory.events").read_text().splitlines())
-    say(f"memory.events: oom={events['oom']} oom_kill={events['oom_kill']}; the protected import exited {hog.returncode}")
-    daemon.terminate()
-    daemon.wait()
-    ok = status == -9 and hog.returncode == 0
-    say("the kernel killed the ordinary job and spared the protected one" if ok else "unexpected outcome")
-    return 0 if ok else 1
+    started = time.monotonic()
+    banner("oomguard: the auto-healer, live on a real kernel")
+    out(f"A web shop runs inside an app cgroup limited to {LIMIT >> 20} MiB. Its user,")
+    out(f"{APP_USER}, runs a memory-hungry import with `oom-protect`: the kernel may")
+    out("kill anything in the cgroup but the import (and MariaDB, which the policy")
+    out(f"also sets to -1000). oomguard's healer gives such an import a grace of {GRACE:g}s")
+    out("(minutes in production, longer at night) before it steps in.")
+    banner("Setting up")
+    results: list[CaseResult] = []
+    problems: dict[str, list[str]] = {}
+    with Flagship(echo=lambda line: out("   " + line)) as fs:
+        for case in ("A", "B"):
+            banner({"A": "Case A: the import finishes within the grace",
+                    "B": "Case B: the import stalls past the grace"}[case])  # fmt: skip
+            res = fs.run_case(case)
+            results.append(res)
+            summary(res)
+            problems[case] = verdict(res)
+    results_dir = Path(os.environ.get("OOMGUARD_GUEST_RESULTS", "/results"))
+    if results_dir.is_dir():
+        write_results(results_dir / "flagship.json", results)
+    banner("The end")
+    for res in results:
+        bad = problems[res.case]
+        out(f"   {res.title}: " + ("as told" if not bad else "UNEXPECTED: " + "; ".join(bad)))
+    out(f"   (the whole story took {time.monotonic() - started:.0f}s in the guest; figures in "
+        f"{results_dir / 'flagship.json'})")  # fmt: skip
+    return 0 if not any(problems.values()) else 1
 
 
 if __name__ == "__main__":
