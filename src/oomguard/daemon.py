@@ -259,6 +259,7 @@ class Daemon:
         self.events_mode = "events"
         if self.cfg.policy.enforce:
             self.enforcer.poll_once(full=True)  # what started before we listened
+            self._thread("policy-upkeep", self.enforcer.run_upkeep, self.stop)
         pe.run(self.on_proc_event, self.stop)
 
     def start(self) -> None:

@@ -24,6 +24,8 @@ import logging
 import os
 import pwd
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
@@ -524,6 +526,10 @@ def _protected_now(registry: RunRegistry, pid: int, starttime: int) -> bool:
 # ---------------------------------------------------------------- the daemon's enforcer
 
 
+SETTLE_SECONDS = 1.0  # a launcher has exited and workers switched uid by then
+SETTLE_MAX = 20_000  # beyond that (a fork storm) the periodic resync catches up
+
+
 @dataclass
 class EnforcerStats:
     events: int = 0
@@ -575,6 +581,8 @@ class Enforcer:
         self._classes: dict[tuple[int, int], PolicyClass | None] = {}
         # What polling saw last: pid -> (start time, comm).
         self._seen: dict[int, tuple[int, str]] = {}
+        # Forks to look at again once they settled: (due, pid, start time).
+        self._settle: deque[tuple[float, int, int]] = deque(maxlen=SETTLE_MAX)
 
     @classmethod
     def from_config(
@@ -673,10 +681,43 @@ class Enforcer:
         are never mistaken for ordinary app processes."""
         with self._lock:
             self.stats.events += 1
+            child_start = procfs.starttime_of(child_pid)
             if self.registry is not None:
-                self.registry.on_fork(parent_pid, procfs.starttime_of(parent_pid),
-                                      child_pid, procfs.starttime_of(child_pid))
+                self.registry.on_fork(parent_pid, procfs.starttime_of(parent_pid), child_pid, child_start)
+            if child_start is not None:
+                self._settle.append((time.monotonic() + SETTLE_SECONDS, child_pid, child_start))
             return self.check(child_pid, parent_pid=parent_pid)
+
+    def settle(self, now: float | None = None) -> int:
+        """Look again at processes forked a moment ago, by who they are now.
+
+        A daemonizing service forks its real master from a launcher of the
+        same binary, which then exits; at fork time the master looks like a
+        worker of the launcher, and its first workers (still root) look like
+        masters. A second look once the launcher is gone and the workers
+        switched uid sees the true parents. Returns how many were looked at."""
+        now = time.monotonic() if now is None else now
+        n = 0
+        with self._lock:
+            while self._settle and self._settle[0][0] <= now:
+                _, pid, start = self._settle.popleft()
+                if procfs.starttime_of(pid) != start:
+                    continue
+                self._classes.pop((pid, start), None)
+                self.check(pid)
+                n += 1
+        return n
+
+    def run_upkeep(self, stop: threading.Event, resync_every: float = 60.0) -> None:
+        """In event mode: settle recent forks, and a full resync now and then
+        (a process whose uid changed without an event, a parent that changed
+        class without its children noticing)."""
+        next_resync = time.monotonic() + resync_every
+        while not stop.wait(0.25):
+            self.settle()
+            if time.monotonic() >= next_resync:
+                self.resync()
+                next_resync = time.monotonic() + resync_every
 
     def on_exit(self, pid: int, *_: Any) -> None:
         with self._lock:

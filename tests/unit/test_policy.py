@@ -635,3 +635,69 @@ def test_classify_writes_nothing_and_new_classes_forget_old_ones(tmp_path, sleep
         assert enf.classify(a.pid).class_name is None  # not the remembered "oomgtest"
     finally:
         _reap(a)
+
+
+def test_a_daemonizing_service_is_classified_by_its_true_parents_once_it_settles(tmp_path):
+    """A launcher forks the real master and exits; the master forks workers,
+    all without exec (as php-fpm and nginx do). At fork time the master looks
+    like the launcher's worker and its workers like masters; the settle pass
+    must put both right. Real processes and real process events."""
+    import threading
+
+    from oomguard import procevents
+
+    srv = tmp_path / "oomgtest-srv"
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), srv)
+    classes = (
+        parse_policy_class({"name": "worker", "oom_score_adj": 300, "parent": ["master"],
+                            "exe": [str(srv)]}, "w"),
+        parse_policy_class({"name": "master", "oom_score_adj": 100, "user": ["root"], "exe": [str(srv)]}, "m"),
+    )
+    enf = policy.Enforcer(classes, None)
+    stop = threading.Event()
+    pe = procevents.ProcEvents()
+    pe.open()
+    threads = [threading.Thread(target=pe.run, args=(enf.handle, stop), daemon=True),
+               threading.Thread(target=enf.run_upkeep, args=(stop,), daemon=True)]
+    for t in threads:
+        t.start()
+    daemonize = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    for _ in range(2):\n"
+        "        if os.fork() == 0:\n"
+        "            while True: time.sleep(1)\n"
+        "    while True: time.sleep(1)\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([str(srv), "-I", "-S", "-c", daemonize], check=True)  # the launcher exits at once
+
+    def ours():
+        out = {}
+        for pid in procfs.list_pids():
+            try:
+                if procfs.read_exe(pid) == str(srv):
+                    out[pid] = procfs.read_stat(pid).ppid
+            except OSError:
+                pass
+        return out
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            procs = ours()
+            masters = [p for p, pp in procs.items() if pp not in procs]
+            workers = [p for p, pp in procs.items() if pp in procs]
+            values = {p: procfs.read_oom_score_adj(p) for p in procs}
+            if len(masters) == 1 and len(workers) == 2 and values[masters[0]] == 100 and \
+                    all(values[w] == 300 for w in workers):
+                break
+            assert time.monotonic() < deadline, (masters, workers, values)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for pid in ours():
+            os.kill(pid, 9)
+        for t in threads:
+            t.join(5)
