@@ -27,7 +27,7 @@ from typing import Any
 
 from .config import ConfigError, parse_duration
 
-KINDS = ("oom_kill", "oom_livelock", "grant", "refusal", "run_end", "healer", "policy", "storm")
+KINDS = ("oom_kill", "oom_report", "oom_livelock", "grant", "refusal", "run_end", "healer", "policy", "storm")
 
 # Each entry upgrades the schema by one version (PRAGMA user_version). Never
 # edit a released entry; append a new one.

@@ -415,9 +415,9 @@ class _Kill:
                 cgroups.remove(own)
             except OSError as e:
                 log.warning("run %d: cannot remove cgroup %s: %s", run.id, own, e)
+        # The end itself is the reaper's to record (with the run_end event it
+        # emits); the reason set here is what it will record.
         changes: dict[str, Any] = {"end_reason": reason}
-        if run.active:
-            changes["ended"] = time.time()
         if peak is not None:
             changes["peak_memory"] = peak
         self.h.registry.update(run.id, **changes)

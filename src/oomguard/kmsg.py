@@ -280,10 +280,9 @@ class OomParser:
         max_report_usec: int = 60_000_000,
     ):
         if boot_time is None:
-            try:
-                boot_time = procfs.boot_time()
-            except (OSError, RuntimeError, ValueError):
-                boot_time = None
+            # wall clock minus the clock printk stamps with: btime in
+            # /proc/stat is whole seconds, enough to misorder events
+            boot_time = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
         self.boot_time = boot_time
         self.max_report_lines = max_report_lines
         self.max_report_usec = max_report_usec
@@ -562,6 +561,9 @@ def now_usec() -> int:
 # ---------------------------------------------------------------- follower
 
 
+LOST_LOG_EVERY = 10.0
+
+
 class KmsgFollower:
     """Reads /dev/kmsg in a thread: the whole ring first, then new records.
 
@@ -605,6 +607,8 @@ class KmsgFollower:
         self.poll_interval = poll_interval
         self.last_seq: int | None = None  # of the last record handed to on_record
         self.lost = 0
+        self._unlogged = 0
+        self._next_lost_log = 0.0
         self.caught_up = threading.Event()  # set once the ring's backlog is read
 
     def _open(self) -> int:
@@ -617,9 +621,17 @@ class KmsgFollower:
         if count <= 0:
             return
         self.lost += count
-        log.warning(
-            "kmsg: %d kernel log records lost (%s); OOM reports among them are missed", count, why
-        )
+        self._unlogged += count
+        # A livelock overruns the ring thousands of times a minute: one line
+        # per LOST_LOG_EVERY seconds with the total, not one per overrun.
+        now = time.monotonic()
+        if now >= self._next_lost_log:
+            log.warning(
+                "kmsg: %d kernel log records lost (%s); OOM reports among them are missed",
+                self._unlogged, why,
+            )  # fmt: skip
+            self._unlogged = 0
+            self._next_lost_log = now + LOST_LOG_EVERY
         if self.on_lost is not None:
             self.on_lost(count)
 

@@ -75,12 +75,17 @@ class OomWatcher:
 
     def handle(self, events: list, seq: int | None) -> None:
         for ev in events:
+            kind = ev.kind
+            if kind == "oom_kill" and ev.victim_pid is None:
+                # The report's tail was lost (ring overrun in a livelock flood):
+                # an OOM happened, but it names no victim, so it is no kill.
+                kind = "oom_report"
             data = ev.to_dict()
             data.pop("raw", None)
             runs, owners = self.attribution(ev.wall_time)
             data["protected_runs"] = runs
             uids = set(owners)
-            if ev.kind == "oom_kill":
+            if kind == "oom_kill":
                 if ev.victim_uid is not None:
                     uids.add(ev.victim_uid)
                 if self.metrics:
@@ -90,7 +95,7 @@ class OomWatcher:
                     ev.victim_pid, ev.victim_comm, ev.victim_uid, ev.oom_memcg,
                     [r["id"] for r in runs] or "none",
                 )  # fmt: skip
-            elif ev.kind == "oom_livelock":
+            elif kind == "oom_livelock":
                 if self.metrics:
                     self.metrics.oom_livelock()
                 if not self.livelocks.seen(ev, time.monotonic()):
@@ -99,9 +104,9 @@ class OomWatcher:
             state = None
             if seq is not None:
                 state = {"kmsg.seq": str(self.parser.resume_after(seq)), "kmsg.boot_id": self.follower.boot_id}
-            self.store.add(ev.kind, data, ts=ev.wall_time, uids=sorted(uids), state=state)
+            self.store.add(kind, data, ts=ev.wall_time, uids=sorted(uids), state=state)
             if self.on_event:
-                self.on_event(ev.kind, data)
+                self.on_event(kind, data)
 
     def run(self, stop: threading.Event) -> None:
         try:

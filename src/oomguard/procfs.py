@@ -319,6 +319,16 @@ def starttime_of(pid: int) -> int | None:
         return None
 
 
+def running(pid: int, starttime: int) -> bool:
+    """Whether the process (pid, starttime) still runs: present, not reused,
+    not a zombie waiting for its parent."""
+    try:
+        st = read_stat(pid)
+    except (*GONE, ValueError, IndexError):
+        return False
+    return st.starttime == starttime and st.state not in ("Z", "X")
+
+
 # ---------------------------------------------------------------- system
 
 

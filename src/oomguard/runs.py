@@ -195,20 +195,20 @@ class RunRegistry:
         """Whether anything of the run still runs."""
         if run.cgroup and cgroups.exists(run.cgroup):
             return cgroups.populated(run.cgroup)
-        if procfs.starttime_of(run.pid) == run.starttime:
+        if procfs.running(run.pid, run.starttime):
             return True
         with self._lock:
             members = [k for k, rid in self._members.items() if rid == run.id]
-        return any(procfs.starttime_of(p) == s for p, s in members)
+        return any(procfs.running(p, s) for p, s in members)
 
     def pids(self, run: Run) -> list[int]:
         """Live processes of the run."""
         if run.cgroup and cgroups.exists(run.cgroup):
             return cgroups.procs_recursive(run.cgroup)
-        out = [run.pid] if procfs.starttime_of(run.pid) == run.starttime else []
+        out = [run.pid] if procfs.running(run.pid, run.starttime) else []
         with self._lock:
             members = [k for k, rid in self._members.items() if rid == run.id]
-        out += [p for p, s in members if procfs.starttime_of(p) == s]
+        out += [p for p, s in members if procfs.running(p, s)]
         return out
 
     def reap(self) -> list[Run]:

@@ -293,6 +293,7 @@ def test_parse_since_is_a_usable_cutoff(store: EventStore) -> None:
 def test_kinds_constant_names_the_documented_kinds() -> None:
     assert set(events.KINDS) == {
         "oom_kill",
+        "oom_report",
         "oom_livelock",
         "grant",
         "refusal",

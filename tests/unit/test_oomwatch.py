@@ -49,3 +49,28 @@ def test_privacy_follows_attribution(tmp_path):
     w.handle([kill(t)], seq=9)
     assert store.query(uid=1000, kinds=["oom_kill"])
     assert not store.query(uid=1001, kinds=["oom_kill"])
+
+
+def test_a_report_without_a_victim_is_no_kill(tmp_path):
+    from oomguard.metrics import Metrics
+
+    reg = RunRegistry(tmp_path / "runs.json", "boot")
+    store = EventStore(":memory:", 3600, 1000)
+    m = Metrics()
+    w = oomwatch.OomWatcher(str(tmp_path / "no-kmsg"), store, reg, m)
+    cut = kill(time.time())
+    cut.victim_pid = cut.victim_comm = cut.victim_uid = None
+    w.handle([cut], seq=3)
+    assert store.query(kinds=["oom_kill"]) == []
+    assert [e["kind"] for e in store.query()] == ["oom_report"]
+    assert b"oomguard_oom_kills_total{" not in m.render()
+
+
+def test_ring_overruns_are_logged_once_per_interval(caplog):
+    f = kmsg.KmsgFollower("/nonexistent", current_boot_id="b")
+    with caplog.at_level("WARNING"):
+        for _ in range(1000):
+            f._report_lost(3, "ring buffer overrun")
+    assert f.lost == 3000
+    lines = [r for r in caplog.records if "records lost" in r.getMessage()]
+    assert len(lines) == 1 and "3 kernel log records lost" in lines[0].getMessage()
