@@ -1,4 +1,5 @@
-"""A real `oomguard daemon` for guest tests: started as root, stopped after."""
+"""A real `oomguard daemon` for guest tests (started as root, stopped after),
+and small helpers the guest tests share."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(interval)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemon_fixture import BIN, RunningDaemon
+from daemon_fixture import BIN, RunningDaemon, wait_for
 
 PY = sys.executable
 OOMGUARD = str(BIN / "oomguard")
@@ -44,16 +44,6 @@ SOCK = "/run/oomguard-ev/protect.sock"
 
 # ---------------------------------------------------------------- helpers
 
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
-        time.sleep(interval)
 
 
 def free_port() -> int:

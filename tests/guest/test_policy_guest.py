@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from shop import Shop  # tests/guest is on sys.path (conftest)
+from daemon_fixture import wait_for  # tests/guest is on sys.path (conftest)
+from shop import Shop
 
 from oomguard import cgroups, policy, procevents, procfs, ranking, setup
 from oomguard.config import parse
@@ -42,17 +43,6 @@ ROOT_CLASSES = ("root-automation", "root-sessions", "oomguard")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
-        time.sleep(interval)
 
 
 def adj(pid: int) -> int:

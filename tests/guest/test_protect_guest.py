@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_fixture import BIN, start_daemon
+from daemon_fixture import BIN, start_daemon, wait_for
 
 PY = sys.executable
 OOM_PROTECT = str(BIN / "oom-protect")
@@ -32,16 +32,6 @@ def daemon(tmp_path_factory, unpriv_user):
 def as_user(user, daemon, cmd, **kw):
     return user.run(cmd, env=user.env(OOMGUARD_SOCKET=daemon.socket), **kw)
 
-
-def wait_for(predicate, timeout=60.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
 
 
 def adj(pid: int) -> int:
