@@ -103,6 +103,7 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self.metrics_server: metrics.MetricsServer | None = None
         self.events_mode = "starting"
+        self._peaks: dict[int, int] = {}  # run id -> largest RSS sum sampled
 
     # ------------------------------------------------------------ events
 
@@ -128,6 +129,9 @@ class Daemon:
                               "reason": reason, "message": message}, [peer.uid])  # fmt: skip
 
     def on_run_end(self, run: Run) -> None:
+        sampled = self._peaks.pop(run.id, None)
+        if run.peak_memory is None and sampled:
+            run = self.registry.update(run.id, peak_memory=sampled) or run
         log.info(
             "run %d ended: user=%s pid=%d exit_status=%s peak_memory=%s reason=%s",
             run.id, run.user, run.pid, run.exit_status, run.peak_memory, run.end_reason,
@@ -244,7 +248,17 @@ class Daemon:
         psi = status.pressure_summary(procfs.pressure("memory"))
         if psi:
             self.metrics.set_psi(psi["some_avg10"], psi["full_avg10"])
-        self.metrics.set_protected(sum(len(self.registry.pids(r)) for r in self.registry.active()))
+        protected = 0
+        for run in self.registry.active():
+            pids = self.registry.pids(run)
+            protected += len(pids)
+            # memory.peak needs the memory controller in the run's own cgroup,
+            # which a cgroup that also holds processes cannot delegate; failing
+            # that, the largest RSS sum seen here stands in for the peak.
+            rss = sum(procfs.rss_bytes(pid) for pid in pids)
+            if rss > self._peaks.get(run.id, 0):
+                self._peaks[run.id] = rss
+        self.metrics.set_protected(protected)
 
     def _events(self) -> None:
         pe = procevents.ProcEvents()

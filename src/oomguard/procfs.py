@@ -319,6 +319,14 @@ def starttime_of(pid: int) -> int | None:
         return None
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, 0 if it is gone."""
+    try:
+        return read_stat(pid).rss_pages * PAGE_SIZE
+    except (*GONE, ValueError, IndexError, PermissionError):
+        return 0
+
+
 def running(pid: int, starttime: int) -> bool:
     """Whether the process (pid, starttime) still runs: present, not reused,
     not a zombie waiting for its parent."""

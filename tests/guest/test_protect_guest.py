@@ -275,6 +275,7 @@ def test_screen_run_is_tracked_after_the_screen_client_exits(daemon, unpriv_user
     (cg / "cgroup.kill").write_text("1")
     ended = wait_for(lambda: next((r for r in daemon.runs() if r["id"] == run["id"] and r["ended"]), None), timeout=60)
     assert ended["end_reason"] == "exited"
+    assert ended["peak_memory"] and ended["peak_memory"] > 100_000  # screen + sleep, sampled
 
 
 def _is(pid: int, comm: str, uid: int) -> bool:
