@@ -294,3 +294,10 @@ def test_runs_are_private_to_their_owner(daemon, unpriv_user, other_user):
     assert json.loads(mine.stdout) and all(r["user"] == "shopuser" for r in json.loads(mine.stdout))
     assert json.loads(theirs.stdout) == []
     assert {r["user"] for r in daemon.runs()} >= {"shopuser"}
+
+
+def test_a_caller_with_cap_sys_resource_needs_no_daemon(tmp_path):
+    env = {**os.environ, "OOMGUARD_SOCKET": str(tmp_path / "no-daemon.sock")}
+    r = subprocess.run([OOM_PROTECT, "sh", "-c", "cat /proc/self/oom_score_adj; exit 3"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout.strip(), r.stderr) == (3, "-1000", "")
