@@ -309,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("events", help="kernel OOM kills, protected runs, healer actions, policy changes")
     s.add_argument("--since", metavar="WHEN", help='e.g. "1h", "30m", "2d" or an ISO time')
     s.add_argument("--kind", action="append", metavar="KIND",
-                   help="oom_kill, oom_livelock, grant, refusal, run_end, healer, storm, policy (repeatable)")
+                   help="oom_kill, oom_report, oom_livelock, grant, refusal, run_end, healer, storm, policy (repeatable)")
     s.add_argument("--limit", type=int, default=1000)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_events)
