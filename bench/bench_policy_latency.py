@@ -31,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from oomguard import policy, procfs  # noqa: E402
+from oomguard import procfs  # noqa: E402
 from oomguard.config import parse_policy_class  # noqa: E402
+from oomguard.enforcer import Enforcer  # noqa: E402
 
 VALUE = 500
 # self_pid=0 below: the bench process is not the daemon, so no self-class.
@@ -42,7 +43,7 @@ CLASSES = (parse_policy_class({"name": "bench", "oom_score_adj": VALUE, "comm": 
 # ----------------------------------------------------------------- drivers
 
 
-def start_polling(enf: policy.Enforcer, stop: threading.Event, interval: float) -> threading.Thread:
+def start_polling(enf: Enforcer, stop: threading.Event, interval: float) -> threading.Thread:
     t = threading.Thread(target=enf.run_polling, args=(stop, interval), daemon=True)
     t.start()
     return t
@@ -52,7 +53,7 @@ def start_polling(enf: policy.Enforcer, stop: threading.Event, interval: float) 
 # stop) delivers ("fork", parent, child) / ("exec", pid) / ("uid", ...) /
 # ("exit", pid, status) / ("lost",) tuples; Enforcer.handle takes them as
 # they are. Swap this function to measure another event source.
-def start_events(enf: policy.Enforcer, stop: threading.Event) -> threading.Thread:
+def start_events(enf: Enforcer, stop: threading.Event) -> threading.Thread:
     from oomguard import procevents
 
     pe = procevents.ProcEvents()
@@ -133,7 +134,7 @@ def main() -> int:
         report("spawn only (no enforcer)", spawn_cost(binary, args.samples), args.samples)
 
         # what one polling round costs on this host
-        enf = policy.Enforcer(CLASSES, None, self_pid=0)
+        enf = Enforcer(CLASSES, None, self_pid=0)
         t = time.perf_counter()
         enf.poll_once(full=True)
         full = time.perf_counter() - t
@@ -144,7 +145,7 @@ def main() -> int:
 
         if args.mode in ("poll", "both"):
             stop = threading.Event()
-            enf = policy.Enforcer(CLASSES, None, self_pid=0)
+            enf = Enforcer(CLASSES, None, self_pid=0)
             th = start_polling(enf, stop, args.interval)
             time.sleep(0.2)
             xs = measure(binary, args.samples, lambda: random.uniform(0, args.interval), args.interval * 3 + 5)
@@ -154,7 +155,7 @@ def main() -> int:
 
         if args.mode in ("events", "both"):
             stop = threading.Event()
-            enf = policy.Enforcer(CLASSES, None, self_pid=0)
+            enf = Enforcer(CLASSES, None, self_pid=0)
             try:
                 th = start_events(enf, stop)
             except OSError as e:

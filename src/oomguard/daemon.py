@@ -36,6 +36,7 @@ from . import (
     status,
 )
 from .broker import Broker, Granter, Peer, Refusal
+from .enforcer import Enforcer
 from .runs import Run, RunRegistry, decode_wait_status
 
 log = logging.getLogger("oomguard.daemon")
@@ -87,7 +88,7 @@ class Daemon:
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.broker = Broker(cfg, self.granter, self.handlers(), slow_ops=frozenset({"kill-run"}))
-        self.enforcer = policy.Enforcer.from_config(cfg, self.registry, on_change=self.on_policy_change)
+        self.enforcer = Enforcer.from_config(cfg, self.registry, on_change=self.on_policy_change)
         self.app_cgroup = cgroups.app_group(cfg.layout.app_slice, cfg.layout.app_cgroup)
         self.healer = healer.Healer(
             cfg,

@@ -35,6 +35,7 @@ from shop import Shop
 
 from oomguard import cgroups, policy, procevents, procfs, ranking, setup
 from oomguard.config import parse
+from oomguard.enforcer import Enforcer
 from oomguard.runs import Run, RunRegistry
 
 LIMIT = 448 << 20  # the app cgroup at first: room for the shop and the user
@@ -127,9 +128,9 @@ class Stack:
     def class_value(self, name: str) -> int:
         return next(c.oom_score_adj for c in self.classes if c.name == name)
 
-    def enforcer(self) -> policy.Enforcer:
-        return policy.Enforcer(self.classes, self.registry, app_cgroup=self.app,
-                               app_uid=self.user.uid, self_pid=0)
+    def enforcer(self) -> Enforcer:
+        return Enforcer(self.classes, self.registry, app_cgroup=self.app,
+                        app_uid=self.user.uid, self_pid=0)
 
 
 @pytest.fixture(scope="module")

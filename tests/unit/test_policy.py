@@ -26,6 +26,7 @@ from oomguard.config import (
     parse,
     parse_policy_class,
 )
+from oomguard.enforcer import Enforcer
 from oomguard.runs import Run, RunRegistry
 
 ROOT, NOBODY = 0, pwd.getpwnam("nobody").pw_uid
@@ -350,7 +351,7 @@ def test_apply_rechecks_protection_right_before_writing(tmp_path):
     child = _spawn_sleep(tmp_path)
     try:
         proc = procfs.snapshot(child.pid)
-        d = policy.decide(proc, policy._Resolver(_test_classes(), lambda pid: None, None))
+        d = policy.decide(proc, policy.Resolver(_test_classes(), lambda pid: None, None))
         assert d.action == "set"
         reg = _registry(tmp_path, _run(1, proc.pid, proc.starttime))
         assert policy.apply([d], registry=reg) == []
@@ -451,7 +452,7 @@ def test_a_refused_lowering_is_reported_not_raised(tmp_path, sleeper_bin):
 
 def test_enforcer_on_exec_and_on_fork(tmp_path, sleeper_bin):
     seen = []
-    enf = policy.Enforcer(_test_classes(600), None, on_change=seen.append)
+    enf = Enforcer(_test_classes(600), None, on_change=seen.append)
     a = _spawn_sleep(tmp_path, sleeper_bin)
     try:
         d = enf.on_exec(a.pid)
@@ -472,7 +473,7 @@ def test_enforcer_on_fork_tells_the_registry_first(tmp_path, sleeper_bin):
     registry only learns about it from this very event."""
     me = procfs.snapshot(os.getpid())
     reg = _registry(tmp_path, _run(1, me.pid, me.starttime))
-    enf = policy.Enforcer(_test_classes(600), reg)
+    enf = Enforcer(_test_classes(600), reg)
     a = _spawn_sleep(tmp_path, sleeper_bin)
     try:
         d = enf.on_fork(os.getpid(), a.pid)
@@ -484,7 +485,7 @@ def test_enforcer_on_fork_tells_the_registry_first(tmp_path, sleeper_bin):
 
 
 def test_enforcer_poll_once_finds_new_and_execd_processes(tmp_path, sleeper_bin):
-    enf = policy.Enforcer(_test_classes(400), None, full_sweep_every=1000)
+    enf = Enforcer(_test_classes(400), None, full_sweep_every=1000)
     enf.poll_once()  # the first round looks at everything
     a = _spawn_sleep(tmp_path, sleeper_bin)
     # a process that exec's into the test binary after the first round
@@ -509,16 +510,16 @@ def test_place_moves_only_the_app_users_unprotected_processes(tmp_path, monkeypa
     a = _spawn_sleep(tmp_path, sleeper_bin)
     try:
         me = procfs.snapshot(a.pid)
-        enf = policy.Enforcer(_test_classes(), None, app_cgroup="oomguard.app", app_uid=me.uid)
+        enf = Enforcer(_test_classes(), None, app_cgroup="oomguard.app", app_uid=me.uid)
         assert enf.place(a.pid) is True
         assert moved == [(a.pid, "/oomguard.app")]
-        other = policy.Enforcer(_test_classes(), None, app_cgroup="oomguard.app", app_uid=me.uid + 1)
+        other = Enforcer(_test_classes(), None, app_cgroup="oomguard.app", app_uid=me.uid + 1)
         assert other.place(a.pid) is False
-        inside = policy.Enforcer(_test_classes(), None, app_cgroup=me.cgroup or "/", app_uid=me.uid)
+        inside = Enforcer(_test_classes(), None, app_cgroup=me.cgroup or "/", app_uid=me.uid)
         if (me.cgroup or "/") != "/":
             assert inside.place(a.pid) is False  # already there
         reg = _registry(tmp_path, _run(1, me.pid, me.starttime))
-        prot = policy.Enforcer(_test_classes(), reg, app_cgroup="oomguard.app", app_uid=me.uid)
+        prot = Enforcer(_test_classes(), reg, app_cgroup="oomguard.app", app_uid=me.uid)
         assert prot.place(a.pid) is False  # a protected run stays in its own cgroup
         assert len(moved) == 1
         # the event path places too
@@ -531,16 +532,16 @@ def test_place_moves_only_the_app_users_unprotected_processes(tmp_path, monkeypa
 
 def test_from_config_without_systemd_places_into_the_app_cgroup():
     cfg = parse({"layout": {"app_user": "nobody", "app_cgroup": "shop/app"}})
-    enf = policy.Enforcer.from_config(cfg, None, systemd=False)
+    enf = Enforcer.from_config(cfg, None, systemd=False)
     assert (enf.app_cgroup, enf.app_uid) == ("/shop/app", NOBODY)
     assert "app-user" in [c.name for c in enf.classes]
-    assert policy.Enforcer.from_config(cfg, None, systemd=True).app_cgroup is None
+    assert Enforcer.from_config(cfg, None, systemd=True).app_cgroup is None
     missing = Config(layout=LayoutConfig(app_user="no-such-user-oomg"))
-    assert policy.Enforcer.from_config(missing, None, systemd=False).app_uid is None
+    assert Enforcer.from_config(missing, None, systemd=False).app_uid is None
 
 
 def test_enforcer_handles_uid_changes_and_lost_events(tmp_path, sleeper_bin, monkeypatch):
-    enf = policy.Enforcer(_test_classes(300), None)
+    enf = Enforcer(_test_classes(300), None)
     a = _spawn_sleep(tmp_path, sleeper_bin)
     try:
         enf.handle(("uid", a.pid, 65534, 65534))
@@ -573,7 +574,7 @@ def test_apply_checks_and_writes_under_the_registry_lock(tmp_path, monkeypatch):
         writes.append((pid, value))
 
     monkeypatch.setattr(policy, "_write_checked", write)
-    d = policy.decide(P(77, comm="oomgtest-x"), policy._Resolver(_test_classes(), lambda pid: None, None))
+    d = policy.decide(P(77, comm="oomgtest-x"), policy.Resolver(_test_classes(), lambda pid: None, None))
     assert [c.ok for c in policy.apply([d], registry=reg)] == [True]
     assert writes == [(77, 500)]
 
@@ -587,7 +588,7 @@ def test_on_fork_uses_the_parent_named_by_the_event_even_after_it_exited(tmp_pat
         parse_policy_class({"name": "kid", "oom_score_adj": 300, "comm": ["oomgtest-kid"],
                             "parent": ["par"]}, "b"),
     )
-    enf = policy.Enforcer(classes, None, self_pid=0)
+    enf = Enforcer(classes, None, self_pid=0)
     parent = subprocess.Popen([str(sh), "-c", f"read x; {sleep} 60 & exit 0"], stdin=subprocess.PIPE)
     kid_pid = None
     try:
@@ -613,7 +614,7 @@ def test_on_fork_uses_the_parent_named_by_the_event_even_after_it_exited(tmp_pat
             assert time.monotonic() < deadline
             time.sleep(0.01)
         # without the event's parent the orphan has no parent class
-        assert policy.Enforcer(classes, None, self_pid=0).check(kid_pid).class_name is None
+        assert Enforcer(classes, None, self_pid=0).check(kid_pid).class_name is None
         d = enf.on_fork(parent.pid, kid_pid)
         assert (d.class_name, procfs.read_oom_score_adj(kid_pid)) == ("kid", 300)
     finally:
@@ -624,7 +625,7 @@ def test_on_fork_uses_the_parent_named_by_the_event_even_after_it_exited(tmp_pat
 
 
 def test_classify_writes_nothing_and_new_classes_forget_old_ones(tmp_path, sleeper_bin):
-    enf = policy.Enforcer(_test_classes(600), None, self_pid=0)
+    enf = Enforcer(_test_classes(600), None, self_pid=0)
     a = _spawn_sleep(tmp_path, sleeper_bin)
     try:
         d = enf.classify(a.pid)
@@ -653,7 +654,7 @@ def test_a_daemonizing_service_is_classified_by_its_true_parents_once_it_settles
                             "exe": [str(srv)]}, "w"),
         parse_policy_class({"name": "master", "oom_score_adj": 100, "user": ["root"], "exe": [str(srv)]}, "m"),
     )
-    enf = policy.Enforcer(classes, None)
+    enf = Enforcer(classes, None)
     stop = threading.Event()
     pe = procevents.ProcEvents()
     pe.open()
