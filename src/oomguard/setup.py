@@ -8,7 +8,7 @@ On a systemd host this is a set of unit files and drop-ins
 (``render_units``). On a host without systemd (the test guest) it is the app
 cgroup, made directly in cgroup v2 (``render_cgroup_steps``); the daemon
 then moves the app user's new processes into it at birth
-(policy.Enforcer.place).
+(enforcer.Enforcer.place).
 """
 
 from __future__ import annotations
