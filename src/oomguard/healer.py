@@ -1,30 +1,28 @@
 """The auto-healer: watch the shop, honour the grace window, bring it back.
 
-One ``Healer`` per daemon. Its ``tick(now)`` is a short, non-blocking step
-(the daemon calls it from ``run(stop)`` a few times a second; tests call it
-with a fake clock):
+One ``Healer`` per daemon ties the parts together. Its ``tick(now)`` is a
+short, non-blocking step (the daemon calls it from ``run(stop)`` a few times
+a second; tests call it with a fake clock):
 
 1. collect health probes (health.HealthMonitor: hung endpoints are
    abandoned, never awaited);
-2. keep the downtime clock: an *incident* starts at the first failing probe
-   of a down period and ends at the first probe after which every check is
-   healthy. It is persisted atomically, on CLOCK_BOOTTIME together with the
-   boot id, so it survives a daemon restart and ignores wall-clock jumps;
-   wall time only picks the grace window (by the local time the outage
-   began, in the configured zoneinfo timezone);
-3. once the downtime reaches the grace: SIGTERM every protected run, wait
-   ``term_timeout``, SIGKILL each run's *own* cgroup (cgroup.kill) or, for a
-   run without one, each process through a pidfd; confirm they are gone;
-   then restart the configured services with a doubling back-off until the
-   checks pass or the tries run out;
+2. keep the downtime clock (grace.Incident): an *incident* starts at the
+   first failing probe of a down period and ends at the first probe after
+   which every check is healthy. It is persisted atomically, on
+   CLOCK_BOOTTIME together with the boot id, so it survives a daemon restart
+   and ignores wall-clock jumps; wall time only picks the grace window
+   (grace.choose_window);
+3. once the downtime reaches the grace: end every protected run (kill.Kill:
+   SIGTERM, ``term_timeout``, SIGKILL, confirm they are gone); then restart
+   the configured services with a doubling back-off (grace.backoff_delays)
+   until the checks pass or the tries run out;
 4. watch the app cgroup's memory.events: an OOM-kill storm makes it kill
    the policy's non-essential processes; a climbing ``oom`` with a flat
    ``oom_kill`` is reported at once as a livelock (only unkillable tasks
    are left), while the grace still decides when the healer acts.
 
-Never signalled, re-checked right before every signal: root's processes
-(any of real/effective/saved uid 0), the database, oomguard itself, and
-whatever the injected policy test ``is_exempt(proc)`` exempts.
+Every signal obeys the never-kill rules of kill.Killer (root, the database,
+oomguard itself, policy exemptions), re-checked right before it is sent.
 """
 
 from __future__ import annotations
@@ -32,47 +30,47 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import re
-import select
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
-from datetime import time as dtime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from . import cgroups, health, procfs, state
-from .config import Config, HealerConfig, Window, login_uid_range
+from .config import Config, HealerConfig, login_uid_range
+from .grace import Clock, Incident, backoff_delays, choose_window
+from .kill import (
+    KILLED_BY_HEALER,
+    OOM_SCORE_ADJ_MIN,
+    Handle,
+    Kill,
+    Killer,
+    is_database,
+    tell_tty,
+)
 from .runs import Run, RunRegistry
+
+# The healer's API, including what now lives in grace.py and kill.py.
+__all__ = [
+    "KILLED_BY_HEALER",
+    "Clock",
+    "Healer",
+    "Incident",
+    "Monitor",
+    "backoff_delays",
+    "choose_window",
+    "is_database",
+    "tell_tty",
+]
 
 log = logging.getLogger("oomguard.healer")
 
-OOM_SCORE_ADJ_MIN = -1000
-KILLED_BY_HEALER = "killed by healer"
-# The database's server binaries, matched on the *executable path* (a user
-# cannot put files in these directories; comm alone could be forged).
-DB_BINARIES = frozenset({"mariadbd", "mysqld", "mariadbd-safe", "mysqld_safe"})
-SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/")
-TTY_PATH = re.compile(r"/dev/(pts/\d+|tty\d+|ttyS\d+)")
-
 EmitFn = Callable[[str, dict, list[int]], None]
 MetricFn = Callable[[str, float, dict[str, str]], None]
-
-
-class Clock:
-    """CLOCK_BOOTTIME for elapsed time (it keeps counting through suspend and
-    never jumps), wall time only for choosing windows and for people."""
-
-    def boottime(self) -> float:
-        return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-    def wall(self) -> float:
-        return time.time()
 
 
 class Monitor(Protocol):
@@ -88,88 +86,6 @@ class Monitor(Protocol):
     def status(self) -> dict[str, dict]: ...
 
 
-# ---------------------------------------------------------------- windows
-
-
-@dataclass(frozen=True)
-class WindowChoice:
-    name: str  # "default" or "23:00-07:00"
-    grace: float
-
-
-def window_name(w: Window) -> str:
-    return f"{w.start:%H:%M}-{w.end:%H:%M}"
-
-
-def in_window(w: Window, t: dtime) -> bool:
-    """Whether local time-of-day ``t`` is in [start, end); wraps midnight."""
-    t = t.replace(second=0, microsecond=0, tzinfo=None)
-    if w.start < w.end:
-        return w.start <= t < w.end
-    return t >= w.start or t < w.end
-
-
-def choose_window(cfg: HealerConfig, wall: float) -> WindowChoice:
-    """The window in force at wall-clock time ``wall`` (epoch seconds), read in
-    the configured timezone; zoneinfo maps the instant to local time, so DST
-    changes are handled by the tz database, not by us."""
-    local = datetime.fromtimestamp(wall, ZoneInfo(cfg.timezone))
-    for w in cfg.windows:
-        if in_window(w, local.time()):
-            return WindowChoice(window_name(w), w.grace)
-    return WindowChoice("default", cfg.grace)
-
-
-def backoff_delays(cfg: HealerConfig) -> list[float]:
-    """The wait after each restart try: restart_backoff doubling, capped at
-    restart_backoff_max; one entry per try."""
-    return [
-        min(cfg.restart_backoff * 2**i, cfg.restart_backoff_max) for i in range(cfg.restart_tries)
-    ]
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def is_database(proc: procfs.Proc) -> bool:
-    exe = (proc.exe or "").removesuffix(" (deleted)")
-    return os.path.basename(exe) in DB_BINARIES and exe.startswith(SYSTEM_DIRS)
-
-
-def tell_tty(path: str, uid: int, text: str, limit: int = 400) -> bool:
-    """Write one line to a run's terminal without ever blocking: O_NONBLOCK
-    (a stopped or full tty gives EAGAIN and we give up), O_NOCTTY (never
-    acquire it), one bounded write, and only to a terminal device that the
-    run's owner owns (the path comes from the registry, not from the user)."""
-    if not TTY_PATH.fullmatch(path):
-        return False
-    flags = os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISCHR(st.st_mode) or st.st_uid != uid:
-            return False
-        data = ("\r\n" + text.replace("\n", " ").strip()[:limit] + "\r\n").encode(
-            "utf-8", "replace"
-        )
-        os.write(fd, data)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _pidfd_exited(fd: int) -> bool:
-    """A pidfd polls readable once its process has exited (zombies included)."""
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(0))
-
-
 def _fmt_duration(seconds: float) -> str:
     s = int(round(seconds))
     if s < 60:
@@ -177,280 +93,6 @@ def _fmt_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-@dataclass
-class _Handle:
-    """One process pinned by a pidfd: signals go to it or to nobody."""
-
-    pid: int
-    starttime: int
-    fd: int
-    comm: str
-    uid: int
-    state: str
-
-    def exited(self) -> bool:
-        return self.fd < 0 or _pidfd_exited(self.fd)
-
-    def send(self, sig: int) -> bool:
-        try:
-            signal.pidfd_send_signal(self.fd, sig)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-# ---------------------------------------------------------------- killing
-
-
-class _Kill:
-    """Ending one protected run (or the protected processes of one uid that
-    belong to no run): term(), then kill() after the grace, then finish().
-    Each step is short, so the healer's tick can drive it."""
-
-    def __init__(
-        self,
-        healer: Healer,
-        run: Run | None,
-        uid: int,
-        user: str,
-        orphans: Sequence[procfs.Proc] = (),
-        reason: str = KILLED_BY_HEALER,
-    ):
-        self.h = healer
-        self.reason = reason  # the run's end_reason
-        self.run = run
-        self.uid = uid
-        self.user = user
-        self.orphans = list(orphans)
-        self.handles: dict[tuple[int, int], _Handle] = {}
-        self.skipped: dict[int, str] = {}  # pid -> why it was left alone
-        self.method = "pidfd"
-        self.stalled: list[tuple[int, str]] = []  # (pid, state) of R/D tasks at SIGKILL
-        self.termed = 0
-
-    @property
-    def label(self) -> str:
-        if self.run is not None:
-            return f"run {self.run.id} of {self.user} ({self.run.command[:80]})"
-        return f"protected processes of {self.user} outside any run"
-
-    def _candidates(self) -> list[tuple[int, int | None]]:
-        """(pid, expected starttime or None) of what belongs to the target now."""
-        if self.run is None:
-            return [(p.pid, p.starttime) for p in self.orphans]
-        if self.run.cgroup and cgroups.exists(self.run.cgroup):
-            return [(pid, None) for pid in cgroups.procs_recursive(self.run.cgroup)]
-        # Without a cgroup, registry.pids() has already matched each pid to its
-        # recorded start time; pin() checks it again after opening the pidfd.
-        return [(pid, procfs.starttime_of(pid)) for pid in self.h.registry.pids(self.run)]
-
-    def _pin_new(self) -> list[_Handle]:
-        fresh = []
-        for pid, start in self._candidates():
-            if any(h.pid == pid for h in self.handles.values()):
-                continue
-            handle, why = self.h.pin(pid, start, require_protected=self.run is None)
-            if handle is None:
-                if why not in ("gone", "zombie"):
-                    self.skipped[pid] = why or "?"
-                continue
-            self.handles[(handle.pid, handle.starttime)] = handle
-            fresh.append(handle)
-        return fresh
-
-    def term(self) -> None:
-        handles = self._pin_new()
-        if handles and self.run is not None and self.run.end_reason is None:
-            # Recorded before the signal, so the reaper keeps our reason if it
-            # sees the run end first.
-            self.h.registry.update(self.run.id, end_reason=self.reason)
-        for handle in handles:
-            if self._signal(handle, signal.SIGTERM):
-                self.termed += 1
-        for pid, why in self.skipped.items():
-            log.warning("%s: not signalling pid %d: %s", self.label, pid, why)
-
-    def own_cgroup(self) -> str | None:
-        """The run's cgroup if it is its own: not the root, not the app cgroup
-        or one of its ancestors, not shared with another active run."""
-        if self.run is None or not self.run.cgroup:
-            return None
-        cg = cgroups.normalize(self.run.cgroup)
-        app = cgroups.normalize(self.h.app_cgroup) if self.h.app_cgroup else None
-        if cg == "/" or (app and (cg == app or app.startswith(cg + "/"))):
-            return None
-        for other in self.h.registry.active():
-            if other.id != self.run.id and other.cgroup:
-                o = cgroups.normalize(other.cgroup)
-                if o == cg or o.startswith(cg + "/") or cg.startswith(o + "/"):
-                    return None
-        return cg if cgroups.exists(cg) else None
-
-    def kill(self) -> None:
-        self._pin_new()  # children forked since SIGTERM
-        self.stalled = []
-        for h in self.handles.values():
-            if not h.exited():
-                st = procfs.snapshot(h.pid)
-                if st is not None and st.starttime == h.starttime and st.state in ("R", "D"):
-                    self.stalled.append((h.pid, st.state))
-        cg = self.own_cgroup()
-        if cg is not None and self._cgroup_safe(cg):
-            self.method = "cgroup.kill"
-            cgroups.kill(cg)
-        else:
-            if cg is not None:
-                log.warning(
-                    "%s: cgroup %s holds processes the healer must not kill; killing one by one",
-                    self.label,
-                    cg,
-                )
-            self.method = "pidfd"
-        # Also through the pidfds: covers runs without a cgroup, and is
-        # harmless after cgroup.kill.
-        for h in self.handles.values():
-            if not h.exited():
-                self._signal(h, signal.SIGKILL)
-
-    def _signal(self, h: _Handle, sig: int) -> bool:
-        """Signal through the pidfd after the last-moment re-check; a process
-        that has become untouchable (setuid root, exempt) is left alone."""
-        why = self.h.recheck(h)
-        if why is None:
-            return h.send(sig)
-        if why != "gone":
-            self.skipped[h.pid] = why
-        return False
-
-    def _cgroup_safe(self, cg: str) -> bool:
-        """Right before cgroup.kill: nothing in it may be exempt."""
-        for pid in cgroups.procs_recursive(cg):
-            proc = procfs.snapshot(pid)
-            if proc is None or proc.state == "Z":
-                continue
-            why = self.h.refusal(proc)
-            if why is not None:
-                self.skipped[pid] = why
-                return False
-        return True
-
-    def gone(self) -> bool:
-        """Nothing that we may kill is left."""
-        if any(not h.exited() for h in self.handles.values() if h.pid not in self.skipped):
-            return False
-        # Anything new (forked meanwhile) that we may kill is "not gone".
-        for pid, start in self._candidates():
-            if pid in self.skipped:
-                continue
-            proc = procfs.snapshot(pid)
-            if proc is None or proc.state == "Z" or (start is not None and proc.starttime != start):
-                continue
-            if self.h.refusal(proc) is None and (
-                self.run is not None or proc.oom_score_adj == OOM_SCORE_ADJ_MIN
-            ):
-                return False
-        return True
-
-    def finish(self, why: str) -> dict:
-        """Close the pidfds; end the run if nothing of it is left; tell its
-        terminal why. The record's action is "killed" (all gone),
-        "kill_failed" (something killable survived SIGKILL) or "spared_some"
-        (the rest is root's, the database's or exempt, so the run goes on)."""
-        gone = self.gone()
-        left = []
-        for h in self.handles.values():
-            if not h.exited() and h.pid not in self.skipped:
-                proc = procfs.snapshot(h.pid)
-                left.append([h.pid, proc.state if proc else "?"])
-            h.close()
-        complete = gone and not self.skipped
-        if not self.handles and not self.skipped:
-            action = "already_gone"  # nothing to signal: the reaper ends it as "exited"
-            complete = False
-        else:
-            action = "killed" if complete else "spared_some" if gone else "kill_failed"
-        record: dict[str, Any] = {
-            "action": action,
-            "target": self.label,
-            "run": self.run.id if self.run else None,
-            "owner": self.user,
-            "uid": self.uid,
-            "pids": sorted(h.pid for h in self.handles.values()),
-            "method": self.method,
-            "stalled": [list(s) for s in self.stalled],
-            "skipped": {str(k): v for k, v in self.skipped.items()},
-            "reason": why,
-        }
-        if left:
-            record["left"] = left
-        if self.run is not None:
-            record["command"] = self.run.command
-            if complete:
-                self._end_run(self.reason)
-            else:
-                # Something of it still runs: take back the reason set at SIGTERM.
-                cur = self.h.registry.get(self.run.id)
-                if cur is not None and cur.active and cur.end_reason == self.reason:
-                    self.h.registry.update(self.run.id, end_reason=None)
-            if complete and self.run.tty:
-                record["told_tty"] = tell_tty(self.run.tty, self.run.uid, self._message(why))
-        return record
-
-    def _end_run(self, reason: str) -> None:
-        run = self.h.registry.get(self.run.id) if self.run else None
-        if run is None:
-            return
-        peak = None
-        own = self.own_cgroup()  # never rmdir a shared cgroup
-        if own is not None:
-            peak = cgroups.memory_peak(own)
-            try:
-                cgroups.remove(own)
-            except OSError as e:
-                log.warning("run %d: cannot remove cgroup %s: %s", run.id, own, e)
-        # The end itself is the reaper's to record (with the run_end event it
-        # emits); the reason set here is what it will record.
-        changes: dict[str, Any] = {"end_reason": reason}
-        if peak is not None:
-            changes["peak_memory"] = peak
-        self.h.registry.update(run.id, **changes)
-
-    def _message(self, why: str) -> str:
-        run = self.run
-        assert run is not None
-        return f"oomguard: protected run {run.id} ({run.command[:60]}) was stopped: {why}"
-
-
-# ---------------------------------------------------------------- the incident
-
-
-@dataclass
-class Incident:
-    """One down period, persisted. Times are CLOCK_BOOTTIME seconds of the
-    boot named by boot_id; start_wall only chose the window."""
-
-    boot_id: str
-    start: float
-    start_wall: float
-    window: str
-    grace: float
-    checks: list[str] = field(default_factory=list)
-    phase: str = "waiting"  # waiting terminating killing restarting verifying gave_up dry_run idle
-    tries: int = 0
-    deadline: float | None = None
-    recovered: float | None = None
-    killed: list[int] = field(default_factory=list)
-
-    def elapsed(self, now: float) -> float:
-        end = self.recovered if self.recovered is not None else now
-        return max(0.0, end - self.start)
 
 
 _BUSY = ("terminating", "killing", "restarting")  # phases that must run to their end
@@ -494,7 +136,6 @@ class Healer:
         self.registry = registry
         self.state_path = Path(state_path)
         self._emit_fn = emit
-        self.is_exempt = is_exempt
         self.nonessential_pids = nonessential_pids
         self._metric_fn = metric
         self.clock = clock or Clock()
@@ -510,10 +151,11 @@ class Healer:
         self.kill_timeout = kill_timeout
         self.restart_timeout = restart_timeout
         self.uid_range = login_uid_range()
+        self.killer = Killer(registry, self.app_cgroup, is_exempt)
 
         self._lock = threading.RLock()
         self.incident: Incident | None = None
-        self._kills: list[_Kill] = []
+        self._kills: list[Kill] = []
         self._restart_thread: threading.Thread | None = None
         self._restart_result: list[dict] | None = None
         self.last_actions: collections.deque[dict] = collections.deque(maxlen=20)
@@ -649,8 +291,7 @@ class Healer:
         with self._lock:
             self.monitor.close()
             for k in self._kills:
-                for h in k.handles.values():
-                    h.close()
+                k.close()
 
     # ------------------------------------------------------------ the clock
 
@@ -895,98 +536,29 @@ class Healer:
 
     # ------------------------------------------------------------ targets
 
+    @property
+    def is_exempt(self) -> Callable[[procfs.Proc], bool]:
+        """The policy's healer exemption, as given to the constructor."""
+        return self.killer.is_exempt
+
     def refusal(self, proc: procfs.Proc, uids: Sequence[int] | None = None) -> str | None:
         """Why ``proc`` must not be signalled, or None if it may be."""
-        if proc.pid == os.getpid():
-            return "oomguard itself"
-        if proc.uid == 0 or (uids is not None and 0 in uids[:3]):
-            return "root's process"
-        if is_database(proc):
-            return "the database"
-        try:
-            if self.is_exempt(proc):
-                return "exempt by policy"
-        except Exception:  # noqa: BLE001 - when in doubt, do not kill
-            log.exception("is_exempt(%d) failed; treating it as exempt", proc.pid)
-            return "exemption check failed"
-        return None
+        return self.killer.refusal(proc, uids)
 
     def pin(
         self, pid: int, expect_start: int | None, require_protected: bool = False
-    ) -> tuple[_Handle | None, str | None]:
-        """A pidfd on ``pid`` if it is the process we mean and may be signalled.
+    ) -> tuple[Handle | None, str | None]:
+        """A pidfd on ``pid`` if it is the process we mean and may be signalled."""
+        return self.killer.pin(pid, expect_start, require_protected)
 
-        Inspect, open the pidfd, then check that the pid still has the same
-        start time: the pidfd then refers to the inspected process for good,
-        and a later pid reuse cannot redirect a signal."""
-        proc = procfs.snapshot(pid)
-        if proc is None:
-            return None, "gone"
-        if proc.state == "Z":
-            return None, "zombie"
-        if expect_start is not None and proc.starttime != expect_start:
-            return None, "pid reused"
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return None, "gone"
-        try:
-            status = procfs.read_status(pid)
-            same = procfs.starttime_of(pid) == proc.starttime
-        except (*procfs.GONE, ValueError, PermissionError):
-            os.close(fd)
-            return None, "gone"
-        if not same:
-            os.close(fd)
-            return None, "pid reused"
-        why = self.refusal(proc, status.uids)
-        if why is None and require_protected and proc.oom_score_adj != OOM_SCORE_ADJ_MIN:
-            why = "no longer protected"
-        if why is not None:
-            os.close(fd)
-            return None, why
-        return _Handle(pid, proc.starttime, fd, proc.comm, proc.uid, proc.state), None
-
-    def recheck(self, h: _Handle) -> str | None:
+    def recheck(self, h: Handle) -> str | None:
         """Right before a signal: the same process, and still one we may signal."""
-        if h.exited():
-            return "gone"
-        proc = procfs.snapshot(h.pid)
-        if proc is None or proc.starttime != h.starttime:
-            return "gone"
-        try:
-            uids = procfs.read_status(h.pid).uids
-        except (*procfs.GONE, ValueError, PermissionError):
-            return "gone"
-        why = self.refusal(proc, uids)
-        if why is not None:
-            log.warning("pid %d (%s) became %s; not signalling it", h.pid, proc.comm, why)
-        return why
+        return self.killer.recheck(h)
 
-    def select_targets(self) -> list[_Kill]:
+    def select_targets(self) -> list[Kill]:
         """Every active run with live processes, plus protected (-1000)
         processes of login users that belong to no run, grouped by owner."""
-        targets: list[_Kill] = []
-        for run in self.registry.active():
-            if self.registry.pids(run):
-                targets.append(_Kill(self, run, run.uid, run.user))
-        lo, hi = self.uid_range
-        orphans: dict[int, list[procfs.Proc]] = collections.defaultdict(list)
-        for proc in self.processes():
-            if proc.oom_score_adj != OOM_SCORE_ADJ_MIN or proc.state == "Z":
-                continue
-            if self.registry.run_of(proc.pid, proc.starttime, proc.cgroup) is not None:
-                continue
-            why = self.refusal(proc)
-            if why is None and not lo <= proc.uid <= hi:
-                why = f"uid {proc.uid} is not a login user"
-            if why is not None:
-                log.info("leaving protected pid %d (%s) alone: %s", proc.pid, proc.comm, why)
-                continue
-            orphans[proc.uid].append(proc)
-        for uid, procs in sorted(orphans.items()):
-            targets.append(_Kill(self, None, uid, _user_name(uid), procs))
-        return targets
+        return self.killer.select_targets(self.processes, self.uid_range)
 
     def kill_run(
         self,
@@ -1010,17 +582,8 @@ class Healer:
                 "owner": run.user,
                 "end_reason": run.end_reason,
             }
-        k = _Kill(self, run, run.uid, run.user, reason=reason)
-        k.term()
-        deadline = time.monotonic() + self.cfg.term_timeout
-        while not k.gone() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not k.gone():
-            k.kill()
-            deadline = time.monotonic() + self.kill_timeout
-            while not k.gone() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        rec = k.finish(why)
+        k = Kill(self.killer, run, run.uid, run.user, reason=reason)
+        rec = k.at_once(self.cfg.term_timeout, self.kill_timeout, why)
         log.warning("%s: %s via %s (%s)", k.label, rec["action"], rec["method"], why)
         self._record("healer", rec, [run.uid], dry_run=False)
         return rec
@@ -1243,12 +806,3 @@ class Healer:
                 "last_actions": list(self.last_actions),
             }
         return out
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)

@@ -1,0 +1,95 @@
+"""When the healer may act: the downtime clock and the grace windows.
+
+An outage is one ``Incident``, timed on CLOCK_BOOTTIME (it keeps counting
+through suspend and never jumps) together with the boot id, so a persisted
+incident survives a daemon restart and ignores wall-clock jumps. Wall time
+only picks the window: the time-of-day window in force, in the configured
+zoneinfo timezone, when the outage began sets its grace. After the kill, the
+restart tries wait a doubling back-off.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from datetime import time as dtime
+from zoneinfo import ZoneInfo
+
+from .config import HealerConfig, Window
+
+
+class Clock:
+    """CLOCK_BOOTTIME for elapsed time (it keeps counting through suspend and
+    never jumps), wall time only for choosing windows and for people."""
+
+    def boottime(self) -> float:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    def wall(self) -> float:
+        return time.time()
+
+
+@dataclass
+class Incident:
+    """One down period, persisted. Times are CLOCK_BOOTTIME seconds of the
+    boot named by boot_id; start_wall only chose the window."""
+
+    boot_id: str
+    start: float
+    start_wall: float
+    window: str
+    grace: float
+    checks: list[str] = field(default_factory=list)
+    phase: str = "waiting"  # waiting terminating killing restarting verifying gave_up dry_run idle
+    tries: int = 0
+    deadline: float | None = None
+    recovered: float | None = None
+    killed: list[int] = field(default_factory=list)
+
+    def elapsed(self, now: float) -> float:
+        end = self.recovered if self.recovered is not None else now
+        return max(0.0, end - self.start)
+
+
+# ---------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class WindowChoice:
+    name: str  # "default" or "23:00-07:00"
+    grace: float
+
+
+def window_name(w: Window) -> str:
+    return f"{w.start:%H:%M}-{w.end:%H:%M}"
+
+
+def in_window(w: Window, t: dtime) -> bool:
+    """Whether local time-of-day ``t`` is in [start, end); wraps midnight."""
+    t = t.replace(second=0, microsecond=0, tzinfo=None)
+    if w.start < w.end:
+        return w.start <= t < w.end
+    return t >= w.start or t < w.end
+
+
+def choose_window(cfg: HealerConfig, wall: float) -> WindowChoice:
+    """The window in force at wall-clock time ``wall`` (epoch seconds), read in
+    the configured timezone; zoneinfo maps the instant to local time, so DST
+    changes are handled by the tz database, not by us."""
+    local = datetime.fromtimestamp(wall, ZoneInfo(cfg.timezone))
+    for w in cfg.windows:
+        if in_window(w, local.time()):
+            return WindowChoice(window_name(w), w.grace)
+    return WindowChoice("default", cfg.grace)
+
+
+# ---------------------------------------------------------------- restarts
+
+
+def backoff_delays(cfg: HealerConfig) -> list[float]:
+    """The wait after each restart try: restart_backoff doubling, capped at
+    restart_backoff_max; one entry per try."""
+    return [
+        min(cfg.restart_backoff * 2**i, cfg.restart_backoff_max) for i in range(cfg.restart_tries)
+    ]
