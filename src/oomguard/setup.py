@@ -127,6 +127,8 @@ def render_units(
         + "\n[Service]\n"
         + "Type=simple\n"
         + f"ExecStart={exec_start} daemon\n"
+        + "# SIGHUP: reload the config, keep the old one if the new one is invalid\n"
+        + "ExecReload=/bin/kill -HUP $MAINPID\n"
         + "Restart=always\n"
         + "RestartSec=1s\n"
         + "# Outside the app slice, never an OOM victim, with memory of its own.\n"
