@@ -16,10 +16,11 @@ a second; tests call it with a fake clock):
    SIGTERM, ``term_timeout``, SIGKILL, confirm they are gone); then restart
    the configured services with a doubling back-off (grace.backoff_delays)
    until the checks pass or the tries run out;
-4. watch the app cgroup's memory.events: an OOM-kill storm makes it kill
-   the policy's non-essential processes; a climbing ``oom`` with a flat
-   ``oom_kill`` is reported at once as a livelock (only unkillable tasks
-   are left), while the grace still decides when the healer acts.
+4. watch the app cgroup's memory.events (storm.StormWatch): an OOM-kill
+   storm makes it kill the policy's non-essential processes; a climbing
+   ``oom`` with a flat ``oom_kill`` is reported at once as a livelock (only
+   unkillable tasks are left), while the grace still decides when the
+   healer acts.
 
 Every signal obeys the never-kill rules of kill.Killer (root, the database,
 oomguard itself, policy exemptions), re-checked right before it is sent.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from . import cgroups, health, procfs, state
+from . import health, procfs, state
 from .config import Config, HealerConfig, login_uid_range
 from .grace import Clock, Incident, backoff_delays, choose_window
 from .kill import (
     KILLED_BY_HEALER,
-    OOM_SCORE_ADJ_MIN,
     Handle,
     Kill,
     Killer,
@@ -53,6 +52,8 @@ from .kill import (
     tell_tty,
 )
 from .runs import Run, RunRegistry
+from .storm import StormWatch
+from .storm import fmt_duration as _fmt_duration
 
 # The healer's API, including what now lives in grace.py and kill.py.
 __all__ = [
@@ -84,15 +85,6 @@ class Monitor(Protocol):
     def down_since(self) -> float | None: ...
     def healthy(self) -> bool: ...
     def status(self) -> dict[str, dict]: ...
-
-
-def _fmt_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 _BUSY = ("terminating", "killing", "restarting")  # phases that must run to their end
@@ -159,14 +151,16 @@ class Healer:
         self._restart_thread: threading.Thread | None = None
         self._restart_result: list[dict] | None = None
         self.last_actions: collections.deque[dict] = collections.deque(maxlen=20)
-        # storm guard / livelock
-        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
-        self.kill_rate = 0.0
-        self.oom_rate = 0.0
-        self.storm_active = False
-        self._storm_next = 0.0
-        self.livelock_since: float | None = None
-        self.livelock_wall: float | None = None
+        self.storm = StormWatch(
+            self.cfg,
+            self.app_cgroup,
+            registry,
+            self.killer,
+            nonessential_pids,
+            record=self._record,
+            metric=self._metric,
+            wall=self.clock.wall,
+        )
         self.ticks = 0
         self.last_tick_duration = 0.0
         self.max_tick_duration = 0.0
@@ -260,7 +254,7 @@ class Healer:
         t0 = time.monotonic()
         with self._lock:
             self.monitor.poll(now)
-            self._watch_cgroup(now)
+            self.storm.watch(now)
             if self.cfg.enabled:
                 self._track_incident(now)
                 self._advance(now)
@@ -588,146 +582,27 @@ class Healer:
         self._record("healer", rec, [run.uid], dry_run=False)
         return rec
 
-    # ------------------------------------------------------------ storm guard, livelock
+    # ------------------------------------------------------------ storm guard, livelock (storm.py)
 
-    def _watch_cgroup(self, now: float) -> None:
-        if not self.app_cgroup:
-            return
-        ev = cgroups.memory_events(self.app_cgroup)
-        if not ev:
-            return
-        oom, kills = ev.get("oom", 0), ev.get("oom_kill", 0)
-        s = self._samples
-        if s and (oom < s[-1][1] or kills < s[-1][2]):
-            s.clear()  # the cgroup was recreated: counters restarted
-        if s and now <= s[-1][0]:
-            return
-        s.append((now, oom, kills))
-        while len(s) > 3 and s[1][0] <= now - 5.0:
-            s.popleft()
-        # kills per second over about the last second
-        base = s[0]
-        for sample in s:
-            if sample[0] <= now - 1.0:
-                base = sample
-        span = max(now - base[0], 1.0)
-        self.kill_rate = (kills - base[2]) / span
-        self.oom_rate = (oom - base[1]) / span
-        self._storm(now)
-        self._livelock(now)
+    @property
+    def kill_rate(self) -> float:
+        return self.storm.kill_rate
 
-    def _storm(self, now: float) -> None:
-        threshold = self.cfg.storm_kills_per_second
-        if self.kill_rate < threshold:
-            if self.storm_active:
-                log.info("OOM-kill storm over (%.1f kills/s)", self.kill_rate)
-            self.storm_active = False
-            return
-        first = not self.storm_active
-        self.storm_active = True
-        if not self.cfg.enabled:
-            return
-        if self.cfg.permissive:
-            if first:
-                self._decide(
-                    "OOM-kill storm (%.1f kills/s >= %g): permissive, killing nothing",
-                    self.kill_rate,
-                    threshold,
-                )
-                self._record(
-                    "storm",
-                    {"action": "none", "reason": "permissive", "kills_per_second": self.kill_rate},
-                )
-            return
-        if now < self._storm_next:
-            return
-        self._storm_next = now + 1.0
-        killed, skipped, uids = [], {}, set()
-        try:
-            pids = list(self.nonessential_pids())
-        except Exception:  # noqa: BLE001
-            log.exception("nonessential_pids() failed")
-            pids = []
-        for pid in pids:
-            proc = procfs.snapshot(pid)
-            if proc is None or proc.state == "Z":
-                continue
-            if proc.oom_score_adj == OOM_SCORE_ADJ_MIN or self.registry.run_of(
-                pid, proc.starttime, proc.cgroup
-            ):
-                skipped[str(pid)] = "protected: the grace decides"
-                continue
-            if self.cfg.dry_run:
-                why = self.refusal(proc)
-                if why:
-                    skipped[str(pid)] = why
-                else:
-                    killed.append({"pid": pid, "comm": proc.comm, "uid": proc.uid})
-                    uids.add(proc.uid)
-                continue
-            handle, why = self.pin(pid, proc.starttime)
-            if handle is None:
-                if why not in ("gone", "zombie"):
-                    skipped[str(pid)] = why or "?"
-                continue
-            try:
-                if handle.send(signal.SIGKILL):
-                    killed.append({"pid": pid, "comm": handle.comm, "uid": handle.uid})
-                    uids.add(handle.uid)
-            finally:
-                handle.close()
-        if killed or first:
-            self._decide(
-                "OOM-kill storm (%.1f kills/s >= %g): %s non-essential processes %s",
-                self.kill_rate, threshold, "would kill" if self.cfg.dry_run else "killed",
-                [k["pid"] for k in killed],
-            )  # fmt: skip
-            self._record(
-                "storm",
-                {
-                    "action": "kill_nonessential",
-                    "kills_per_second": self.kill_rate,
-                    "killed": killed,
-                    "skipped": skipped,
-                },
-                uids,
-            )
+    @property
+    def oom_rate(self) -> float:
+        return self.storm.oom_rate
 
-    def _livelock(self, now: float) -> None:
-        s = self._samples
-        if len(s) < 3:
-            return
-        (_, o1, k1), (_, o2, k2), (_, o3, k3) = s[-3], s[-2], s[-1]
-        stuck = o2 > o1 and o3 > o2 and k1 == k2 == k3
-        if stuck and self.livelock_since is None:
-            self.livelock_since, self.livelock_wall = now, self.clock.wall()
-            runs = self.registry.active()
-            log.error(
-                "OOM livelock in %s: oom climbing (%.0f/s) while oom_kill stays at %d: only unkillable tasks are left",
-                self.app_cgroup, self.oom_rate, k3,
-            )  # fmt: skip
-            self._record(
-                "oom_livelock",
-                {
-                    "state": "started",
-                    "cgroup": self.app_cgroup,
-                    "oom": o3,
-                    "oom_kill": k3,
-                    "oom_per_second": self.oom_rate,
-                    "runs": [r.id for r in runs],
-                },
-                [r.uid for r in runs],
-            )
-            self._metric("oomguard_healer_livelock", 1, cgroup=self.app_cgroup)
-        elif not stuck and self.livelock_since is not None and (o3 == o2 or k3 != k2):
-            lasted = now - self.livelock_since
-            self.livelock_since = self.livelock_wall = None
-            log.warning("OOM livelock in %s over after %s", self.app_cgroup, _fmt_duration(lasted))
-            self._record(
-                "oom_livelock",
-                {"state": "ended", "cgroup": self.app_cgroup, "duration": round(lasted, 3)},
-            )
-            self._metric("oomguard_healer_livelock", 0, cgroup=self.app_cgroup)
+    @property
+    def storm_active(self) -> bool:
+        return self.storm.storm_active
+
+    @property
+    def livelock_since(self) -> float | None:
+        return self.storm.livelock_since
+
+    @property
+    def livelock_wall(self) -> float | None:
+        return self.storm.livelock_wall
 
     # ------------------------------------------------------------ status
 
@@ -738,10 +613,10 @@ class Healer:
         down = inc is not None and inc.recovered is None
         self._metric("oomguard_healer_down", 1 if down else 0)
         self._metric("oomguard_healer_downtime_seconds", inc.elapsed(now) if down and inc else 0)
-        self._metric("oomguard_healer_oom_kills_per_second", self.kill_rate)
+        self._metric("oomguard_healer_oom_kills_per_second", self.storm.kill_rate)
         self._metric(
             "oomguard_healer_livelock",
-            1 if self.livelock_since is not None else 0,
+            1 if self.storm.livelock_active else 0,
             cgroup=self.app_cgroup,
         )
         self._metric("oomguard_healer_tick_seconds", self.last_tick_duration)
@@ -787,16 +662,7 @@ class Healer:
                 "restart_tries": inc.tries if inc else 0,
                 "killed_runs": list(inc.killed) if inc else [],
                 **self.window_status(now),
-                "livelock": {
-                    "active": self.livelock_since is not None,
-                    "since": self.livelock_wall,
-                    "oom_per_second": round(self.oom_rate, 1),
-                },
-                "storm": {
-                    "active": self.storm_active,
-                    "kills_per_second": round(self.kill_rate, 1),
-                    "threshold": self.cfg.storm_kills_per_second,
-                },
+                **self.storm.status(),  # "livelock", "storm"
                 "loop": {
                     "ticks": self.ticks,
                     "interval": self.tick_interval,
