@@ -93,3 +93,13 @@ def backoff_delays(cfg: HealerConfig) -> list[float]:
     return [
         min(cfg.restart_backoff * 2**i, cfg.restart_backoff_max) for i in range(cfg.restart_tries)
     ]
+
+
+def fmt_duration(seconds: float) -> str:
+    """90 -> "1m30s": durations as the config writes them."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

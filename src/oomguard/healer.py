@@ -43,6 +43,7 @@ from zoneinfo import ZoneInfo
 from . import health, procfs, state
 from .config import Config, HealerConfig, login_uid_range
 from .grace import Clock, Incident, backoff_delays, choose_window
+from .grace import fmt_duration as _fmt_duration
 from .kill import (
     KILLED_BY_HEALER,
     Handle,
@@ -53,7 +54,6 @@ from .kill import (
 )
 from .runs import Run, RunRegistry
 from .storm import StormWatch
-from .storm import fmt_duration as _fmt_duration
 
 # The healer's API, including what now lives in grace.py and kill.py.
 __all__ = [

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 
 from . import cgroups, procfs
 from .config import HealerConfig
+from .grace import fmt_duration
 from .kill import OOM_SCORE_ADJ_MIN, Killer
 from .runs import RunRegistry
 
@@ -37,15 +38,6 @@ log = logging.getLogger("oomguard.healer")
 
 RecordFn = Callable[[str, dict, Iterable[int]], None]
 MetricFn = Callable[..., None]  # metric(name, value, **labels)
-
-
-def fmt_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class StormWatch:
