@@ -503,22 +503,28 @@ class Broker:
             return
         conn.inbuf += chunk
         if b"\n" in conn.inbuf:
-            line = bytes(conn.inbuf.split(b"\n", 1)[0])
-            if self._is_slow(line):
-                self._defer(conn, line)
+            try:
+                request = parse_request(bytes(conn.inbuf.split(b"\n", 1)[0]))
+            except Refusal as r:
+                self._reply(conn, {"ok": False, "error": str(r)})
+                return
+            if request["op"] in self.slow_ops:
+                self._defer(conn, request)
             else:
-                self._reply(conn, self.handle(conn.peer, line))
+                self._reply(conn, self.dispatch(conn.peer, request))
         elif len(conn.inbuf) > MAX_REQUEST:
             self._reply(conn, {"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"})
 
     def handle(self, peer: Peer, line: bytes) -> dict:
         """One request line from a kernel-identified peer to one reply."""
         try:
-            request = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return {"ok": False, "error": "malformed request: expected one JSON object"}
-        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-            return {"ok": False, "error": "malformed request: expected a JSON object with an \"op\""}
+            request = parse_request(line)
+        except Refusal as r:
+            return {"ok": False, "error": str(r)}
+        return self.dispatch(peer, request)
+
+    def dispatch(self, peer: Peer, request: dict) -> dict:
+        """A parsed request (one with an "op") to its reply."""
         op = request["op"]
         if op == "protect":
             try:
@@ -540,21 +546,12 @@ class Broker:
             return {"ok": False, "error": f"internal error: {e.__class__.__name__}"}
         return {"ok": True, **result}
 
-    def _is_slow(self, line: bytes) -> bool:
-        if not self.slow_ops:
-            return False
-        try:
-            request = json.loads(line)
-        except (ValueError, RecursionError):
-            return False
-        return isinstance(request, dict) and request.get("op") in self.slow_ops
-
-    def _defer(self, conn: _Conn, line: bytes) -> None:
+    def _defer(self, conn: _Conn, request: dict) -> None:
         conn.replied = True  # no more reading, and no timeout while it works
         conn.deadline = float("inf")
         self._sel.unregister(conn.sock)
         threading.Thread(
-            target=lambda: self._finished.put((conn, self.handle(conn.peer, line))),
+            target=lambda: self._finished.put((conn, self.dispatch(conn.peer, request))),
             name="broker-slow-op",
             daemon=True,
         ).start()
@@ -593,6 +590,17 @@ class Broker:
                 pass
         conn.peer.close()
         conn.sock.close()
+
+
+def parse_request(line: bytes) -> dict:
+    """A request line as a dict with a string "op"; Refusal if it is not one."""
+    try:
+        request = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Refusal("malformed request: expected one JSON object", "invalid") from None
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        raise Refusal("malformed request: expected a JSON object with an \"op\"", "invalid")
+    return request
 
 
 def encode(reply: dict) -> bytes:

@@ -223,11 +223,6 @@ def set_memory_max(cgroup: str, limit: int | None) -> None:
     _write(cgroup, "memory.max", "max" if limit is None else str(limit))
 
 
-def set_memory(cgroup: str, key: str, value: str) -> None:
-    """memory.min, memory.low, memory.high, memory.oom.group, ..."""
-    _write(cgroup, key, value)
-
-
 def memory_events(cgroup: str) -> dict[str, int]:
     """memory.events: low, high, max, oom, oom_kill (and oom_group_kill)."""
     return read_flat_keyed(cgroup, "memory.events")

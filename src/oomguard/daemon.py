@@ -149,10 +149,10 @@ class Daemon:
             run = self.registry.by_pid(ev[1])
             if run is not None and run.exit_status is None:
                 self.registry.update(run.id, exit_status=decode_wait_status(ev[2]))
+        if self.cfg.policy.enforce:
+            self.enforcer.handle(ev)  # its on_fork also tells the registry, first
         elif kind == "fork":
             self.registry.on_fork(ev[1], procfs.starttime_of(ev[1]), ev[2], procfs.starttime_of(ev[2]))
-        if self.cfg.policy.enforce:
-            self.enforcer.handle(ev)
 
     # ------------------------------------------------------------ policy hooks for the healer
 

@@ -113,11 +113,6 @@ def since_boot() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def starttime_seconds(starttime_ticks: int) -> float:
-    """A starttime in seconds after boot (CLOCK_BOOTTIME scale)."""
-    return starttime_ticks / CLK_TCK
-
-
 # ---------------------------------------------------------------- status
 
 
@@ -236,13 +231,6 @@ def read_cmdline_bounded(pid: int, dir_fd: int | None = None, timeout: float = 0
     t.join(timeout)
     text = result[0] if result else "<cmdline read timed out>"
     return text[:limit]
-
-
-def is_kernel_thread(pid: int) -> bool:
-    try:
-        return not _read("cmdline", pid, limit=1) and read_exe(pid) is None
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------- snapshots
