@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from oomguard import procfs  # noqa: E402
 from oomguard.config import parse_policy_class  # noqa: E402
-from oomguard.enforcer import Enforcer  # noqa: E402
+from oomguard.host import procfs  # noqa: E402
+from oomguard.policy.enforcer import Enforcer  # noqa: E402
 
 VALUE = 500
 # self_pid=0 below: the bench process is not the daemon, so no self-class.
@@ -54,7 +54,7 @@ def start_polling(enf: Enforcer, stop: threading.Event, interval: float) -> thre
 # ("exit", pid, status) / ("lost",) tuples; Enforcer.handle takes them as
 # they are. Swap this function to measure another event source.
 def start_events(enf: Enforcer, stop: threading.Event) -> threading.Thread:
-    from oomguard import procevents
+    from oomguard.host import procevents
 
     pe = procevents.ProcEvents()
     pe.open()  # raises OSError without root or connector: let the caller say so

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from oomguard import procfs, ranking  # noqa: E402
+from oomguard.forensics import ranking  # noqa: E402
+from oomguard.host import procfs  # noqa: E402
 
 PS = ["ps", "-eo", "pid,oom,oomadj,rss,comm"]
 

@@ -22,24 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import (
-    broker,
-    cgroups,
-    config,
-    events,
-    healer,
-    metrics,
-    oomwatch,
-    policy,
-    procevents,
-    procfs,
-    status,
-)
-from .broker import Broker, Granter, Peer, Refusal
-from .enforcer import Enforcer
-from .runs import Run, RunRegistry, decode_wait_status
+from oomguard import config
+from oomguard.broker import server as broker
+from oomguard.broker.server import Broker, Granter, Peer, Refusal
+from oomguard.forensics import events, metrics, oomwatch, status
+from oomguard.healer import healer
+from oomguard.host import cgroups, procevents, procfs
+from oomguard.policy import rules as policy
+from oomguard.policy.enforcer import Enforcer
+from oomguard.runs.registry import Run, RunRegistry, decode_wait_status
 
-log = logging.getLogger("oomguard.daemon")
+log = logging.getLogger(__name__)
 
 
 def setup_logging(level: str) -> None:

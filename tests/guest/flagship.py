@@ -76,7 +76,7 @@ if str(GUEST_DIR) not in sys.path:
 from daemon_fixture import BIN, RunningDaemon, start_daemon  # noqa: E402
 from shop import COMM, Shop  # noqa: E402
 
-from oomguard.client import DaemonError, request  # noqa: E402
+from oomguard.cli.client import DaemonError, request  # noqa: E402
 
 PY = sys.executable
 OOM_PROTECT = str(BIN / "oom-protect")

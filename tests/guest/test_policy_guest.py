@@ -33,10 +33,13 @@ import pytest
 from daemon_fixture import wait_for  # tests/guest is on sys.path (conftest)
 from shop import Shop
 
-from oomguard import cgroups, policy, procevents, procfs, ranking, setup
+from oomguard.cli import setup
 from oomguard.config import parse
-from oomguard.enforcer import Enforcer
-from oomguard.runs import Run, RunRegistry
+from oomguard.forensics import ranking
+from oomguard.host import cgroups, procevents, procfs
+from oomguard.policy import rules as policy
+from oomguard.policy.enforcer import Enforcer
+from oomguard.runs.registry import Run, RunRegistry
 
 LIMIT = 448 << 20  # the app cgroup at first: room for the shop and the user
 RESERVE = 64 << 20

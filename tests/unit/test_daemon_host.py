@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from oomguard import procfs
-from oomguard.events import EventStore
-from oomguard.runs import Run, RunRegistry
+from oomguard.forensics.events import EventStore
+from oomguard.host import procfs
+from oomguard.runs.registry import Run, RunRegistry
 
 BIN = Path(sys.executable).parent
 OOMGUARD = str(BIN / "oomguard")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from oomguard import events
-from oomguard.events import SCHEMA_VERSION, EventStore, StoreError, parse_since
+from oomguard.forensics import events
+from oomguard.forensics.events import SCHEMA_VERSION, EventStore, StoreError, parse_since
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -201,7 +201,7 @@ def test_data_that_json_cannot_hold_is_stringified(store: EventStore) -> None:
 _WRITER = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[2])
-from oomguard.events import EventStore
+from oomguard.forensics.events import EventStore
 s = EventStore(sys.argv[1], max_age=1e9, max_rows=10**9, prune_every=0)
 out = os.fdopen(1, "w", buffering=1)
 i = 0

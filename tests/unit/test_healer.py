@@ -24,10 +24,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from oomguard import cgroups, healer, health, procfs, state
 from oomguard.config import Check, Config, HealerConfig, LayoutConfig, Service, Window
-from oomguard.procfs import Proc
-from oomguard.runs import Run, RunRegistry
+from oomguard.healer import healer
+from oomguard.healer import probes as health
+from oomguard.host import cgroups, procfs
+from oomguard.host import statefile as state
+from oomguard.host.procfs import Proc
+from oomguard.runs.registry import Run, RunRegistry
 
 NOBODY = 65534
 BOOT = "boot-A"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from oomguard import health
 from oomguard.config import Check
+from oomguard.healer import probes as health
 
 # ---------------------------------------------------------------- servers
 
@@ -458,7 +458,7 @@ def _alive(pid: int) -> bool:
 ADJ_SCRIPT = textwrap.dedent(
     """
     import shutil, subprocess, sys
-    from oomguard import health
+    from oomguard.healer import probes as health
     if sys.argv[2] == "no-choom":
         shutil.which = lambda name, *a, **k: None
     out = sys.argv[1]

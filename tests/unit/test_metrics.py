@@ -16,7 +16,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from oomguard.config import ConfigError
-from oomguard.metrics import MAX_ACTIONS, REFUSAL_REASONS, Metrics, cgroup_label, parse_listen
+from oomguard.forensics.metrics import (
+    MAX_ACTIONS,
+    REFUSAL_REASONS,
+    Metrics,
+    cgroup_label,
+    parse_listen,
+)
 
 RULES = Path(__file__).resolve().parents[2] / "contrib" / "prometheus" / "oomguard-rules.yml"
 

@@ -2,9 +2,10 @@
 
 import time
 
-from oomguard import kmsg, oomwatch
-from oomguard.events import EventStore
-from oomguard.runs import Run, RunRegistry
+from oomguard.forensics import oomreport, oomwatch
+from oomguard.forensics.events import EventStore
+from oomguard.host import kmsg
+from oomguard.runs.registry import Run, RunRegistry
 
 
 def run(rid, uid, started, ended=None):
@@ -21,7 +22,7 @@ def watcher(tmp_path, *runs):
 
 
 def kill(at):
-    return kmsg.OomKill(
+    return oomreport.OomKill(
         seq=7, ts_usec=1, wall_time=at, invoker_comm="php", invoker_pid=5, constraint="CONSTRAINT_MEMCG",
         oom_memcg="/app", task_memcg="/app", victim_pid=42, victim_comm="php-fpm8.2", victim_uid=33,
         total_vm_kb=1, anon_rss_kb=2, file_rss_kb=3, shmem_rss_kb=0, oom_score_adj=200, raw=[],
@@ -52,7 +53,7 @@ def test_privacy_follows_attribution(tmp_path):
 
 
 def test_a_report_without_a_victim_is_no_kill(tmp_path):
-    from oomguard.metrics import Metrics
+    from oomguard.forensics.metrics import Metrics
 
     reg = RunRegistry(tmp_path / "runs.json", "boot")
     store = EventStore(":memory:", 3600, 1000)

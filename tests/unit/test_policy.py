@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from oomguard import cgroups, policy, procfs
 from oomguard.config import (
     Config,
     ConfigError,
@@ -26,8 +25,10 @@ from oomguard.config import (
     parse,
     parse_policy_class,
 )
-from oomguard.enforcer import Enforcer
-from oomguard.runs import Run, RunRegistry
+from oomguard.host import cgroups, procfs
+from oomguard.policy import rules as policy
+from oomguard.policy.enforcer import Enforcer
+from oomguard.runs.registry import Run, RunRegistry
 
 ROOT, NOBODY = 0, pwd.getpwnam("nobody").pw_uid
 HAS_MYSQL = policy._user_exists("mysql")
@@ -645,7 +646,7 @@ def test_a_daemonizing_service_is_classified_by_its_true_parents_once_it_settles
     must put both right. Real processes and real process events."""
     import threading
 
-    from oomguard import procevents
+    from oomguard.host import procevents
 
     srv = tmp_path / "oomgtest-srv"
     shutil.copy2(os.path.realpath("/usr/bin/python3"), srv)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from oomguard import cgroups, procfs, ranking
+from oomguard.forensics import ranking
+from oomguard.host import cgroups, procfs
 
 KB = 1024
 

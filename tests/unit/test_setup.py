@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from oomguard import cgroups, setup
+from oomguard.cli import setup
 from oomguard.config import Config, LayoutConfig, parse, parse_policy_class
+from oomguard.host import cgroups
 
 GIB = 1 << 30
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -59,7 +60,7 @@ def test_services_get_the_policy_values_and_the_app_slice():
 
 
 def setup_classes():
-    from oomguard.policy import default_classes
+    from oomguard.policy.rules import default_classes
 
     return default_classes(config())
 

@@ -29,8 +29,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .config import ConfigError
+from oomguard import __version__
+from oomguard.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import cgroups, procfs
-from .config import Config, PolicyClass
-from .policy import PROTECTED, Change, Decision, Resolver, apply, classes_for, decide
-from .runs import RunRegistry
+from oomguard.config import Config, PolicyClass
+from oomguard.host import cgroups, procfs
+from oomguard.policy.rules import PROTECTED, Change, Decision, Resolver, apply, classes_for, decide
+from oomguard.runs.registry import RunRegistry
 
-# The logger keeps the name it had when this code lived in policy.py: the
-# daemon's log lines carry it ("oomguard.policy: policy: pid ...").
-log = logging.getLogger("oomguard.policy")
+log = logging.getLogger(__name__)
 
 
 SETTLE_SECONDS = 1.0  # a launcher has exited and workers switched uid by then

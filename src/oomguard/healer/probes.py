@@ -41,9 +41,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .config import Check
+from oomguard.config import Check
 
-log = logging.getLogger("oomguard.health")
+log = logging.getLogger(__name__)
 
 MYSQL_PROTOCOL = 10
 MYSQL_DEFAULT_PORT = 3306

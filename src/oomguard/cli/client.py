@@ -7,7 +7,7 @@ import os
 import socket
 from typing import Any
 
-from .config import DEFAULT_SOCKET
+from oomguard.config import DEFAULT_SOCKET
 
 
 class DaemonError(Exception):

@@ -1,6 +1,6 @@
 """Kernel OOM reports become attributed events.
 
-Follows /dev/kmsg (kmsg.py), parses OOM reports, and stores each kill with
+Follows /dev/kmsg (host/kmsg.py), parses OOM reports (oomreport.py), and stores each kill with
 the protected runs that were alive at that moment, so an app user can see
 "your import was running when php-fpm was killed". The kmsg position is
 stored in the same transaction as the event, so a restart neither loses nor
@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import kmsg
-from .events import EventStore
-from .metrics import Metrics
-from .runs import RunRegistry
+from oomguard.forensics import oomreport
+from oomguard.forensics.events import EventStore
+from oomguard.forensics.metrics import Metrics
+from oomguard.host import kmsg
+from oomguard.runs.registry import RunRegistry
 
-log = logging.getLogger("oomguard.oomwatch")
+log = logging.getLogger(__name__)
 
 # kernel timestamps turned into wall time drift a little (btime is whole seconds)
 SLACK = 1.0
@@ -38,8 +39,8 @@ class OomWatcher:
         self.registry = registry
         self.metrics = metrics
         self.on_event = on_event
-        self.parser = kmsg.OomParser()
-        self.livelocks = kmsg.LivelockTracker()
+        self.parser = oomreport.OomParser()
+        self.livelocks = oomreport.LivelockTracker()
         seq = store.get_state("kmsg.seq")
         self.follower = kmsg.KmsgFollower(
             path,

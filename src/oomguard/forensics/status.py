@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import cgroups, procfs
-from .config import Config
+from oomguard.config import Config
+from oomguard.host import cgroups, procfs
 
 
 def memory() -> dict[str, Any]:

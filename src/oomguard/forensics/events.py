@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_duration
+from oomguard.config import ConfigError, parse_duration
 
 KINDS = ("oom_kill", "oom_report", "oom_livelock", "grant", "refusal", "run_end", "healer", "policy", "storm")
 

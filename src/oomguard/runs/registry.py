@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import cgroups, procfs, state
+from oomguard.host import cgroups, procfs
+from oomguard.host import statefile as state
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from . import cgroups, procfs
-from .config import Config, LayoutConfig, PolicyClass, parse_policy_class
-from .runs import RunRegistry
+from oomguard.config import Config, LayoutConfig, PolicyClass, parse_policy_class
+from oomguard.host import cgroups, procfs
+from oomguard.runs.registry import RunRegistry
 
 DELETED = " (deleted)"
 KERNEL_DEFAULT = 0

@@ -7,8 +7,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroups, procfs
-from .config import Config, ConfigError, load
+from oomguard.config import Config, ConfigError, load
+from oomguard.host import cgroups, procfs
 
 # Userspace OOM killers with rules of their own: a -1000 process is fair game
 # for them (systemd-oomd kills whole cgroups whatever their oom_score_adj).
@@ -89,7 +89,7 @@ def config_checks(path: str | None) -> tuple[list[Finding], Config]:
 
 
 def process_event_checks() -> list[Finding]:
-    from . import procevents
+    from oomguard.host import procevents
 
     if procevents.available():
         return [Finding("ok", "events", "the process-event connector works: policy applies at exec")]

@@ -21,7 +21,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-log = logging.getLogger("oomguard.procevents")
+log = logging.getLogger(__name__)
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1

@@ -24,8 +24,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TextIO
 
-from . import cgroups, procfs
-from .config import Config, PolicyClass
+from oomguard.config import Config, PolicyClass
+from oomguard.host import cgroups, procfs
 
 UNIT_DIR = "/etc/systemd/system"
 DROPIN_NAME = "oomguard.conf"
@@ -98,7 +98,9 @@ def render_units(
       sessions there whatever slice we would like (skipped if app_uid is None).
     """
     if classes is None:
-        from .policy import classes_for  # local: policy imports this module lazily too
+        from oomguard.policy.rules import (
+            classes_for,  # local: policy imports this module lazily too
+        )
 
         classes = classes_for(config)
     lay = config.layout

@@ -39,11 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cgroups, procfs
-from .config import Config, ProtectConfig, login_uid_range
-from .runs import Run, RunRegistry
+from oomguard.config import Config, ProtectConfig, login_uid_range
+from oomguard.host import cgroups, procfs
+from oomguard.runs.registry import Run, RunRegistry
 
-log = logging.getLogger("oomguard.broker")
+log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)

@@ -27,12 +27,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import cgroups, procfs
-from .runs import Run, RunRegistry
+from oomguard.host import cgroups, procfs
+from oomguard.runs.registry import Run, RunRegistry
 
 # The healer's logger: what is logged here is the healer's doing, and the
 # journal names it so.
-log = logging.getLogger("oomguard.healer")
+log = logging.getLogger(__name__)
 
 OOM_SCORE_ADJ_MIN = -1000
 KILLED_BY_HEALER = "killed by healer"

@@ -40,20 +40,15 @@ from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from . import health, procfs, state
-from .config import Config, HealerConfig, login_uid_range
-from .grace import Clock, Incident, backoff_delays, choose_window
-from .grace import fmt_duration as _fmt_duration
-from .kill import (
-    KILLED_BY_HEALER,
-    Handle,
-    Kill,
-    Killer,
-    is_database,
-    tell_tty,
-)
-from .runs import Run, RunRegistry
-from .storm import StormWatch
+from oomguard.config import Config, HealerConfig, login_uid_range
+from oomguard.healer import probes as health
+from oomguard.healer.grace import Clock, Incident, backoff_delays, choose_window
+from oomguard.healer.grace import fmt_duration as _fmt_duration
+from oomguard.healer.kill import KILLED_BY_HEALER, Handle, Kill, Killer, is_database, tell_tty
+from oomguard.healer.storm import StormWatch
+from oomguard.host import procfs
+from oomguard.host import statefile as state
+from oomguard.runs.registry import Run, RunRegistry
 
 # The healer's API, including what now lives in grace.py and kill.py.
 __all__ = [
@@ -68,7 +63,7 @@ __all__ = [
     "tell_tty",
 ]
 
-log = logging.getLogger("oomguard.healer")
+log = logging.getLogger(__name__)
 
 EmitFn = Callable[[str, dict, list[int]], None]
 MetricFn = Callable[[str, float, dict[str, str]], None]

@@ -16,7 +16,7 @@ from datetime import datetime
 from datetime import time as dtime
 from zoneinfo import ZoneInfo
 
-from .config import HealerConfig, Window
+from oomguard.config import HealerConfig, Window
 
 
 class Clock:

@@ -8,8 +8,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, config
-from .client import DaemonError, request
+from oomguard import __version__, config
+from oomguard.cli.client import DaemonError, request
 
 
 def _json(data: object) -> None:
@@ -37,7 +37,7 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from . import daemon
+    from oomguard import daemon
 
     return daemon.main(args.config)
 
@@ -74,7 +74,7 @@ def cmd_kill_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import status
+    from oomguard.forensics import status
 
     try:
         data = request("status", _socket(args))
@@ -146,7 +146,7 @@ def render_status(d: dict) -> str:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from . import ranking
+    from oomguard.forensics import ranking
 
     r = ranking.rank(args.cgroup)
     if args.json:
@@ -157,7 +157,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from .events import parse_since
+    from oomguard.forensics.events import parse_since
 
     try:
         since = parse_since(args.since) if args.since else None
@@ -196,7 +196,7 @@ def describe_event(e: dict) -> str:
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
-    from . import policy
+    from oomguard.policy import rules as policy
 
     cfg = _load(args)
     decisions = policy.show(cfg, _registry(cfg))
@@ -223,14 +223,14 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
 def _registry(cfg: config.Config):
     from pathlib import Path
 
-    from .runs import RunRegistry
+    from oomguard.runs.registry import RunRegistry
 
     path = Path(cfg.state_dir) / "runs.json"
     return RunRegistry(path) if path.exists() else None
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
-    from . import policy
+    from oomguard.policy import rules as policy
 
     cfg = _load(args)
     changes = policy.apply_once(cfg, _registry(cfg), dry_run=args.dry_run)
@@ -246,7 +246,7 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from . import setup
+    from oomguard.cli import setup
 
     try:
         setup.apply_layout(_load(args), dry_run=args.dry_run, root=args.root)
@@ -257,7 +257,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import doctor
+    from oomguard.cli import doctor
 
     findings = doctor.run(args.config)
     if args.json:

@@ -26,15 +26,15 @@ import logging
 import signal
 from collections.abc import Callable, Iterable
 
-from . import cgroups, procfs
-from .config import HealerConfig
-from .grace import fmt_duration
-from .kill import OOM_SCORE_ADJ_MIN, Killer
-from .runs import RunRegistry
+from oomguard.config import HealerConfig
+from oomguard.healer.grace import fmt_duration
+from oomguard.healer.kill import OOM_SCORE_ADJ_MIN, Killer
+from oomguard.host import cgroups, procfs
+from oomguard.runs.registry import RunRegistry
 
 # The healer's logger: the storm guard acts for the healer, and the journal
 # names it so.
-log = logging.getLogger("oomguard.healer")
+log = logging.getLogger(__name__)
 
 RecordFn = Callable[[str, dict, Iterable[int]], None]
 MetricFn = Callable[..., None]  # metric(name, value, **labels)

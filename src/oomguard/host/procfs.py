@@ -21,6 +21,19 @@ PROC = os.environ.get("OOMGUARD_PROC", "/proc")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
+
+
+class NoSuchProcess(ProcessLookupError, FileNotFoundError):
+    """The process is gone (or its pid now names another one). The one error
+    the host layer raises for that, as psutil's ``NoSuchProcess``; it is both
+    a ProcessLookupError and a FileNotFoundError, so older handlers still hold."""
+
+    def __init__(self, pid: int | str, why: str = "gone"):
+        super().__init__(errno.ESRCH, f"process {pid}: {why}")
+        self.pid = pid
+        self.why = why
+
+
 # Errors that mean "the process is gone or hides from us": not a bug.
 GONE = (FileNotFoundError, ProcessLookupError)
 
@@ -30,14 +43,20 @@ def _path(pid: int | str, name: str) -> str:
 
 
 def _read(name: str, pid: int | str = "self", dir_fd: int | None = None, limit: int = 65536) -> bytes:
-    if dir_fd is not None:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    else:
-        fd = os.open(_path(pid, name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if dir_fd is not None:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        else:
+            fd = os.open(_path(pid, name), os.O_RDONLY | os.O_CLOEXEC)
+    except GONE:
+        raise NoSuchProcess(pid) from None
     try:
         chunks, total = [], 0
         while total < limit:
-            chunk = os.read(fd, min(65536, limit - total))
+            try:
+                chunk = os.read(fd, min(65536, limit - total))
+            except ProcessLookupError:
+                raise NoSuchProcess(pid) from None
             if not chunk:
                 break
             chunks.append(chunk)
@@ -48,11 +67,11 @@ def _read(name: str, pid: int | str = "self", dir_fd: int | None = None, limit: 
 
 
 def open_dir(pid: int) -> int:
-    """An O_DIRECTORY fd on /proc/<pid>; raises ProcessLookupError if gone."""
+    """An O_DIRECTORY fd on /proc/<pid>; raises NoSuchProcess if gone."""
     try:
         return os.open(_path(pid, ""), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
+        raise NoSuchProcess(pid) from None
 
 
 def list_pids() -> list[int]:

@@ -39,7 +39,7 @@ import pwd
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import cgroups, procfs
+from oomguard.host import cgroups, procfs
 
 PF_KTHREAD = 0x00200000
 OOM_SCORE_ADJ_MIN = -1000

@@ -1,0 +1,1 @@
+"""The root broker behind oom-protect: the socket, requests and grants."""

@@ -1,0 +1,1 @@
+"""Seeing what happened: kernel OOM reports, the event store, metrics, ranking and status."""

@@ -1,0 +1,1 @@
+"""The only door to the OS: /proc, cgroupfs, /dev/kmsg, netlink, systemd, users and state files."""

@@ -1,0 +1,1 @@
+"""Service priorities: the declarative rules and the enforcer that keeps them in force."""

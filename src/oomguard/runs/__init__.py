@@ -1,0 +1,1 @@
+"""Protected runs: the registry and their lifecycle."""

@@ -1,0 +1,15 @@
+"""Why the broker declined a request: one enum for the broker and the metrics."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RefusalReason(StrEnum):
+    NOT_ALLOWED = "not_allowed"  # the user may not be protected
+    GONE = "gone"  # the asking process exited (or its pid was reused)
+    IDENTITY = "identity"  # credentials changed between connect and grant
+    BUSY = "busy"  # per-user or global connection cap reached
+    INVALID = "invalid"  # malformed request
+    ERROR = "error"  # the broker could not carry out the grant
+    REFUSED = "refused"  # any other refusal of a query
