@@ -550,3 +550,37 @@ def test_livelock_tracker_stores_one_per_cgroup_per_window() -> None:
     assert t.active(170) and not t.active(192)
 
 
+
+
+def test_a_newline_in_the_victims_comm_keeps_its_kill_whole() -> None:
+    """The kernel escapes the newline (\\x0a); unescaped, it must not split the
+    record, or the kill would be lost to an incomplete oom_report."""
+    parser = OomParser(boot_time=BOOT)
+    parser.feed(rec(1, "php invoked oom-killer: gfp_mask=0x0, order=0, oom_score_adj=0"))
+    summary = parse_record(
+        b"6,2,100,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,"
+        b"oom_memcg=/app,task_memcg=/app/run-7,task=a\\x0ab,pid=42,uid=1000\n"
+    )
+    killed = parse_record(
+        b"3,3,101,-;Memory cgroup out of memory: Killed process 42 (a\\x0ab) total-vm:10kB, "
+        b"anon-rss:5kB, file-rss:1kB, shmem-rss:0kB, UID:1000 pgtables:4kB oom_score_adj:0\n"
+    )
+    assert summary is not None and killed is not None and "\n" in killed.text
+    assert parser.feed(summary) == []
+    (k,) = parser.feed(killed)
+    assert isinstance(k, OomKill)
+    assert (k.victim_pid, k.victim_comm, k.victim_uid, k.task_memcg) == (42, "a\nb", 1000, "/app/run-7")
+
+
+def test_a_comm_cannot_smuggle_a_second_kill_line() -> None:
+    parser = OomParser(boot_time=BOOT)
+    fake = "x\nOut of memory: Killed process 1 (systemd) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:4kB oom_score_adj:0"
+    out = parser.feed(
+        rec(
+            1,
+            f"Out of memory: Killed process 77 ({fake}) total-vm:9kB, anon-rss:8kB, file-rss:0kB, shmem-rss:0kB, UID:1000 pgtables:4kB oom_score_adj:0",
+        )
+    )
+    kills = [e for e in out if isinstance(e, OomKill)]
+    assert [(k.victim_pid, k.victim_uid) for k in kills] == [(77, 1000)]
+    assert kills[0].victim_comm == fake

@@ -91,25 +91,31 @@ OomEvent = OomKill | OomLivelock
 
 # ---------------------------------------------------------------- report lines
 
-_INVOKED = re.compile(r"^(?P<comm>.*) invoked oom-killer: (?P<args>.*)$")
+# Patterns that capture a comm take re.DOTALL: a comm may hold a newline, and
+# its record is then matched whole (see _lines).
+_INVOKED = re.compile(r"^(?P<comm>.*) invoked oom-killer: (?P<args>.*)$", re.DOTALL)
 # "CPU: 4 PID: 63635 Comm: uwsgi Not tainted ..." (6.x adds "UID: 0 ")
 _CPU_PID = re.compile(
-    r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>.*?) (?:Not tainted|Tainted)"
+    r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>.*?) (?:Not tainted|Tainted)",
+    re.DOTALL,
 )
 _SUMMARY = re.compile(
-    r"^oom-kill:(?P<body>constraint=.*),task=(?P<task>.{0,64}),pid=(?P<pid>\d+),uid=(?P<uid>\d+)$"
+    r"^oom-kill:(?P<body>constraint=.*),task=(?P<task>.{0,64}),pid=(?P<pid>\d+),uid=(?P<uid>\d+)$",
+    re.DOTALL,
 )
 _TASK_IN = re.compile(r"^Task in (?P<task>.*) killed as a result of limit of (?P<oom>.*)$")
 _MEMCG_STATS = re.compile(r"^Memory cgroup stats for (?P<cg>/.*?):(?: |$)")
 _KILLED = re.compile(
     r"^(?:(?P<prefix>[^:]*(?:\([^)]*\))?): )?Killed process (?P<pid>\d+) \((?P<comm>.*)\)"
-    r"(?P<tail>,? (?:UID \d+, )?total-vm:\d+kB.*)$"
+    r"(?P<tail>,? (?:UID \d+, )?total-vm:\d+kB.*)$",
+    re.DOTALL,
 )
 _KILLED_FIELD = re.compile(
     r"(total-vm|anon-rss|file-rss|shmem-rss|UID|pgtables|oom_score_adj)[: ](-?\d+)"
 )
 _SELECT = re.compile(
-    r"^(?P<prefix>.*): Kill process (?P<pid>\d+) \((?P<comm>.*)\) score -?\d+ or sacrifice child$"
+    r"^(?P<prefix>.*): Kill process (?P<pid>\d+) \((?P<comm>.*)\) score -?\d+ or sacrifice child$",
+    re.DOTALL,
 )
 _NO_KILLABLE = "Out of memory and no killable processes"
 _GROUP_KILL = re.compile(
@@ -122,6 +128,19 @@ _PREFIX_CONSTRAINT = {
     "Memory cgroup out of memory": "CONSTRAINT_MEMCG",
     "Out of memory": None,  # global, cpuset or mempolicy: the summary line says which
 }
+
+
+_ONE_PRINTK = (_INVOKED, _CPU_PID, _SUMMARY, _KILLED, _SELECT)
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of one record. Most records are one printk line; a few (the
+    memcg stats) hold several. A record that reads whole as one of the lines
+    that carry a comm stays whole, so a comm with a newline cannot split it."""
+    text = text.removesuffix("\n")
+    if "\n" in text and any(p.match(text) for p in _ONE_PRINTK):
+        return [text]
+    return text.split("\n")
 
 
 def _opens_report(line: str) -> bool:
@@ -231,7 +250,7 @@ class OomParser:
             return []  # userspace writes to /dev/kmsg; never an OOM report
         out: list[OomEvent] = []
         try:
-            for line in rec.text.splitlines() or [""]:
+            for line in _lines(rec.text):
                 self._line(rec, line, out)
         except Exception:  # noqa: BLE001 - a parser bug must not stop the follower
             log.exception("kmsg: cannot parse record %d; skipped", rec.seq)
