@@ -472,11 +472,13 @@ class Cgroup:
                     f"{self.path} still populated {timeout} s after cgroup.kill: {self.pids()}"
                 )
             time.sleep(0.02)
-        for sub in sorted(
-            (p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
-        ):
-            sub.rmdir()
-        self.path.rmdir()
+        # The daemon removes its run cgroups when a run ends, concurrently with
+        # this walk, so a child that vanishes under us is already done.
+        for dirpath, _dirs, _files in os.walk(self.path, topdown=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(dirpath)
+        if self.path.exists():
+            raise RuntimeError(f"{self.path} could not be removed")
 
 
 _cgroup_ids = itertools.count()
