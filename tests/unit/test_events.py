@@ -303,3 +303,67 @@ def test_kinds_constant_names_the_documented_kinds() -> None:
         "storm",
     }
     assert json.loads(json.dumps(events.KINDS))  # plain strings
+
+
+def test_refusals_of_one_uid_and_reason_share_a_row_within_the_window(store: EventStore) -> None:
+    for n in range(5):
+        store.add("refusal", {"uid": 1001, "reason": "not_allowed", "pid": 100 + n}, ts=10.0 + n, uids=[1001])
+    store.add("refusal", {"uid": 1001, "reason": "gone", "pid": 200}, ts=12.0, uids=[1001])
+    store.add("refusal", {"uid": 1002, "reason": "not_allowed", "pid": 300}, ts=12.0, uids=[1002])
+    mine = store.query(uid=1001)
+    assert [(e["data"]["reason"], e["data"]["count"]) for e in mine] == [("not_allowed", 5), ("gone", 1)]
+    first = mine[0]
+    assert first["ts"] == 10.0 and first["data"]["last_ts"] == 14.0
+    assert first["data"]["pid"] == 104  # the latest repeat's details
+    assert [e["data"]["count"] for e in store.query(uid=1002)] == [1]
+    # Past the window a new row opens.
+    store.add("refusal", {"uid": 1001, "reason": "not_allowed", "pid": 400},
+              ts=10.0 + events.COALESCE_WINDOW + 5, uids=[1001])  # fmt: skip
+    assert [e["data"]["count"] for e in store.query(uid=1001, kinds=["refusal"])] == [5, 1, 1]
+
+
+def test_a_refusal_flood_does_not_evict_another_users_grant(tmp_path: Path) -> None:
+    s = EventStore(str(tmp_path / "flood.db"), max_age=1e9, max_rows=50, prune_every=0)
+    s.add("grant", {"id": 1, "uid": 1002}, ts=1.0, uids=[1002])
+    s.add("oom_kill", {"victim_pid": 9}, ts=1.5)
+    reasons = ["not_allowed", "gone", "identity"]
+    for n in range(1200):
+        s.add("refusal", {"uid": 1001, "reason": reasons[n % 3], "pid": n}, ts=2.0 + n, uids=[1001])
+    s.prune(now=2000.0)
+    assert [e["data"]["id"] for e in s.query(uid=1002)] == [1]
+    assert [e["data"]["victim_pid"] for e in s.query(kinds=["oom_kill"])] == [9]
+    refusals = s.query(kinds=["refusal"], limit=10_000)
+    assert len(refusals) <= 50  # coalesced, then bounded in their own class
+    assert refusals[-1]["data"]["pid"] == 1199  # the newest survives
+    s.close()
+
+
+def test_each_retention_class_is_bounded_on_its_own(tmp_path: Path) -> None:
+    s = EventStore(str(tmp_path / "classes.db"), max_age=1e9, max_rows=3, prune_every=0)
+    kinds = ["oom_kill", "grant", "healer", "policy"]
+    for n in range(10):
+        for k in kinds:
+            s.add(k, {"n": n}, ts=float(n))
+    s.prune(now=100.0)
+    for k in kinds:
+        assert [e["data"]["n"] for e in s.query(kinds=[k])] == [7, 8, 9], k
+    s.close()
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "v1.db")
+    with monkeypatch.context() as m:
+        m.setattr(events, "MIGRATIONS", events.MIGRATIONS[:1])
+        m.setattr(events, "SCHEMA_VERSION", 1)
+        EventStore(path, 60, 100).close()
+    db = sqlite3.connect(path)  # a row as version 1 wrote it
+    db.execute("INSERT INTO events (id, ts, kind, data) VALUES (1, 1.0, 'grant', '{\"id\":7}')")
+    db.execute("INSERT INTO event_uids (uid, event_id) VALUES (1001, 1)")
+    db.commit()
+    db.close()
+    with EventStore(path, 1e9, 100) as s:
+        assert s.schema_version == SCHEMA_VERSION
+        assert [e["data"] for e in s.query(uid=1001)] == [{"id": 7}]
+        for n in range(3):
+            s.add("refusal", {"uid": 1001, "reason": "busy"}, ts=2.0 + n, uids=[1001])
+        assert [e["data"].get("count") for e in s.query(uid=1001)] == [None, 3]

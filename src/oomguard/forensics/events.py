@@ -8,6 +8,12 @@ Each ``add`` is one transaction; an event and the state that says it was
 recorded (such as the last kernel log sequence number) can be written in the
 same transaction, so a restart neither loses nor repeats it.
 
+Retention: each kind belongs to a retention class (kills, runs, healer,
+noise), and ``max_rows`` bounds each class on its own, so a flood of one kind
+(refusals) never evicts another (a user's grant, a kernel kill). Refusals of
+one uid for one reason within ``COALESCE_WINDOW`` seconds share one row that
+counts them.
+
 Privacy: each event names the uids allowed to see it. ``query(uid=...)``
 returns only events naming that uid; ``uid=None`` (root) returns all.
 """
@@ -27,7 +33,16 @@ from typing import Any
 
 from oomguard.config import ConfigError, parse_duration
 
-KINDS = ("oom_kill", "oom_report", "oom_livelock", "grant", "refusal", "run_end", "healer", "policy", "storm")
+RETENTION: dict[str, tuple[str, ...]] = {
+    "kills": ("oom_kill", "oom_report", "oom_livelock", "storm"),
+    "runs": ("grant", "run_end"),
+    "healer": ("healer",),
+    "noise": ("refusal", "policy"),
+}
+KINDS = tuple(kind for kinds in RETENTION.values() for kind in kinds)
+# Kinds that a user can produce at will: repeats are counted on one row.
+COALESCE_FIELDS: dict[str, tuple[str, ...]] = {"refusal": ("uid", "reason")}
+COALESCE_WINDOW = 60.0
 
 # Each entry upgrades the schema by one version (PRAGMA user_version). Never
 # edit a released entry; append a new one.
@@ -52,6 +67,11 @@ MIGRATIONS: list[str] = [
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # 2: the row that later repeats of a user-produced event are counted on
+    """
+    ALTER TABLE events ADD COLUMN coalesce_key TEXT;
+    CREATE INDEX events_coalesce ON events (coalesce_key, ts) WHERE coalesce_key IS NOT NULL;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -146,21 +166,28 @@ class EventStore:
         transaction (e.g. the kernel log position the event came from)."""
         if not kind or not isinstance(kind, str):
             raise ValueError("an event needs a kind")
-        text = json.dumps(dict(data), separators=(",", ":"), default=str)
+        record = dict(data)
         owners = sorted({int(u) for u in uids if int(u) >= 0})
         when = time.time() if ts is None else float(ts)
+        key = _coalesce_key(kind, record)
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                cur = db.execute(
-                    "INSERT INTO events (ts, kind, data) VALUES (?, ?, ?)", (when, kind, text)
-                )
-                event_id = int(cur.lastrowid or 0)
-                db.executemany(
-                    "INSERT INTO event_uids (uid, event_id) VALUES (?, ?)",
-                    [(u, event_id) for u in owners],
-                )
+                event_id = self._count_repeat_locked(key, when, record) if key else None
+                if event_id is None:
+                    if key:
+                        record["count"] = 1
+                    text = json.dumps(record, separators=(",", ":"), default=str)
+                    cur = db.execute(
+                        "INSERT INTO events (ts, kind, data, coalesce_key) VALUES (?, ?, ?, ?)",
+                        (when, kind, text, key),
+                    )
+                    event_id = int(cur.lastrowid or 0)
+                    db.executemany(
+                        "INSERT INTO event_uids (uid, event_id) VALUES (?, ?)",
+                        [(u, event_id) for u in owners],
+                    )
                 for key, value in (state or {}).items():
                     self._set_state_locked(key, value)
                 db.execute("COMMIT")
@@ -173,21 +200,45 @@ class EventStore:
             self.prune()
         return event_id
 
+    def _count_repeat_locked(self, key: str, when: float, record: dict[str, Any]) -> int | None:
+        """Count a repeat on the row of ``key`` opened within the window, if
+        any, and return its id."""
+        row = self._db.execute(
+            "SELECT id, data FROM events WHERE coalesce_key = ? AND ts >= ? "
+            "ORDER BY ts DESC, id DESC LIMIT 1",
+            (key, when - COALESCE_WINDOW),
+        ).fetchone()
+        if row is None:
+            return None
+        event_id, text = row
+        merged = json.loads(text)
+        count = int(merged.get("count", 1)) + 1
+        merged.update(record, count=count, last_ts=when)
+        self._db.execute(
+            "UPDATE events SET data = ? WHERE id = ?",
+            (json.dumps(merged, separators=(",", ":"), default=str), event_id),
+        )
+        return int(event_id)
+
     def prune(self, now: float | None = None) -> int:
-        """Drop events older than max_age and the oldest beyond max_rows;
-        return how many went."""
+        """Drop events older than max_age and, in each retention class, the
+        oldest beyond max_rows; return how many went."""
         cutoff = (time.time() if now is None else now) - self.max_age
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 gone = db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
-                (count,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
-                if count > self.max_rows:
-                    gone += db.execute(
-                        "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY ts, id LIMIT ?)",
-                        (count - self.max_rows,),
-                    ).rowcount
+                for where, kinds in _retention_classes():
+                    (count,) = db.execute(
+                        f"SELECT COUNT(*) FROM events WHERE {where}", kinds
+                    ).fetchone()
+                    if count > self.max_rows:
+                        gone += db.execute(
+                            f"DELETE FROM events WHERE id IN (SELECT id FROM events "
+                            f"WHERE {where} ORDER BY ts, id LIMIT ?)",
+                            (*kinds, count - self.max_rows),
+                        ).rowcount
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -290,6 +341,24 @@ class EventStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _coalesce_key(kind: str, record: Mapping[str, Any]) -> str | None:
+    fields = COALESCE_FIELDS.get(kind)
+    if fields is None or any(record.get(f) is None for f in fields):
+        return None
+    return json.dumps([kind, *(record[f] for f in fields)], default=str)
+
+
+def _retention_classes() -> list[tuple[str, tuple[str, ...]]]:
+    """(SQL condition, its arguments) per class; kinds this version does not
+    know (a newer daemon's) are bounded together."""
+    def marks(kinds: tuple[str, ...]) -> str:
+        return ",".join("?" * len(kinds))
+
+    classes = [(f"kind IN ({marks(kinds)})", kinds) for kinds in RETENTION.values()]
+    classes.append((f"kind NOT IN ({marks(KINDS)})", KINDS))
+    return classes
 
 
 def _split_sql(script: str) -> list[str]:
