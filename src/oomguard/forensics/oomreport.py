@@ -24,11 +24,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from oomguard.forensics.oomlines import (
+    CPU_PID,
+    GROUP_KILL,
+    INVOKED,
+    KILLED,
+    KILLED_FIELD,
+    MEMCG_STATS,
+    NO_KILLABLE,
+    PREFIX_CONSTRAINT,
+    RAW_LINES_MAX,
+    SELECT,
+    TABLE_HEAD,
+    TABLE_ROW,
+    TASK_IN,
+    PartialReport,
+    apply_summary,
+    opens_report,
+    record_lines,
+)
 from oomguard.host.kmsg import LOG_KERN, KmsgRecord
 
 log = logging.getLogger(__name__)
-
-RAW_LINES_MAX = 64  # bound on the lines an event keeps for forensics
 
 
 @dataclass
@@ -89,133 +106,6 @@ class OomLivelock:
 
 OomEvent = OomKill | OomLivelock
 
-# ---------------------------------------------------------------- report lines
-
-# Patterns that capture a comm take re.DOTALL: a comm may hold a newline, and
-# its record is then matched whole (see _lines).
-_INVOKED = re.compile(r"^(?P<comm>.*) invoked oom-killer: (?P<args>.*)$", re.DOTALL)
-# "CPU: 4 PID: 63635 Comm: uwsgi Not tainted ..." (6.x adds "UID: 0 ")
-_CPU_PID = re.compile(
-    r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>.*?) (?:Not tainted|Tainted)",
-    re.DOTALL,
-)
-_SUMMARY = re.compile(
-    r"^oom-kill:(?P<body>constraint=.*),task=(?P<task>.{0,64}),pid=(?P<pid>\d+),uid=(?P<uid>\d+)$",
-    re.DOTALL,
-)
-_TASK_IN = re.compile(r"^Task in (?P<task>.*) killed as a result of limit of (?P<oom>.*)$")
-_MEMCG_STATS = re.compile(r"^Memory cgroup stats for (?P<cg>/.*?):(?: |$)")
-_KILLED = re.compile(
-    r"^(?:(?P<prefix>[^:]*(?:\([^)]*\))?): )?Killed process (?P<pid>\d+) \((?P<comm>.*)\)"
-    r"(?P<tail>,? (?:UID \d+, )?total-vm:\d+kB.*)$",
-    re.DOTALL,
-)
-_KILLED_FIELD = re.compile(
-    r"(total-vm|anon-rss|file-rss|shmem-rss|UID|pgtables|oom_score_adj)[: ](-?\d+)"
-)
-_SELECT = re.compile(
-    r"^(?P<prefix>.*): Kill process (?P<pid>\d+) \((?P<comm>.*)\) score -?\d+ or sacrifice child$",
-    re.DOTALL,
-)
-_NO_KILLABLE = "Out of memory and no killable processes"
-_GROUP_KILL = re.compile(
-    r"^Tasks in (?P<cg>.*) are going to be killed due to memory\.oom\.group set$"
-)
-_TABLE_HEAD = re.compile(r"^\[\s*pid\s*\]\s+(?P<cols>.*\bname)$")
-_TABLE_ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
-
-_PREFIX_CONSTRAINT = {
-    "Memory cgroup out of memory": "CONSTRAINT_MEMCG",
-    "Out of memory": None,  # global, cpuset or mempolicy: the summary line says which
-}
-
-
-_ONE_PRINTK = (_INVOKED, _CPU_PID, _SUMMARY, _KILLED, _SELECT)
-
-
-def _lines(text: str) -> list[str]:
-    """The lines of one record. Most records are one printk line; a few (the
-    memcg stats) hold several. A record that reads whole as one of the lines
-    that carry a comm stays whole, so a comm with a newline cannot split it."""
-    text = text.removesuffix("\n")
-    if "\n" in text and any(p.match(text) for p in _ONE_PRINTK):
-        return [text]
-    return text.split("\n")
-
-
-def _opens_report(line: str) -> bool:
-    return (
-        line.startswith("oom-kill:")
-        or _TASK_IN.match(line) is not None
-        or _MEMCG_STATS.match(line) is not None
-        or _TABLE_HEAD.match(line) is not None
-        or _SELECT.match(line) is not None
-    )
-
-
-@dataclass
-class _Report:
-    seq: int
-    ts_usec: int
-    invoker_comm: str | None = None
-    invoker_pid: int | None = None
-    constraint: str | None = None
-    oom_memcg: str | None = None
-    task_memcg: str | None = None
-    summary_pid: int | None = None
-    summary_comm: str | None = None
-    summary_uid: int | None = None
-    summary_line: str | None = None
-    group_cgroup: str | None = None  # set by "Tasks in X are going to be killed ... oom.group"
-    killed: set[int] = field(default_factory=set)  # victims already reported
-    table_cols: list[str] | None = None
-    table: dict[int, tuple[int | None, int | None]] = field(
-        default_factory=dict
-    )  # pid -> (uid, adj)
-    lines: int = 0
-    raw: list[str] = field(default_factory=list)
-
-    def keep(self, line: str) -> None:
-        if len(self.raw) < RAW_LINES_MAX:
-            self.raw.append(line)
-
-
-def _apply_summary(rep: _Report, line: str, comm: str | None = None) -> bool:
-    """Read the ``oom-kill:`` summary line into ``rep``.
-
-    The victim's comm is chosen by whoever started it and may contain
-    ",task=", so without knowing it the line is split at the last possible
-    place; once the "Killed process" line gave the real comm, it is split
-    again exactly."""
-    m = _SUMMARY.match(line)
-    if m is None:
-        return False
-    pid, uid = int(m.group("pid")), int(m.group("uid"))
-    body, task = m.group("body"), m.group("task")
-    if comm is not None and comm != task:
-        suffix = f",task={comm},pid={pid},uid={uid}"
-        if not line.endswith(suffix):
-            return False
-        body, task = line[len("oom-kill:") : -len(suffix)], comm
-    rep.summary_pid, rep.summary_comm, rep.summary_uid = pid, task, uid
-    rep.summary_line = line
-    # constraint=C,nodemask=N,cpuset=S,mems_allowed=M,(oom_memcg=P|global_oom),task_memcg=T
-    # Cgroup and cpuset names may hold commas, so cut at the known keys.
-    constraint = body[len("constraint=") :].split(",", 1)[0]
-    rep.constraint = constraint or rep.constraint
-    cut = body.rfind(",task_memcg=")
-    if cut >= 0:
-        rep.task_memcg = body[cut + len(",task_memcg=") :]
-        head = body[:cut]
-    else:
-        head = body
-    at = head.find(",oom_memcg=")
-    if at >= 0:
-        rep.oom_memcg = head[at + len(",oom_memcg=") :]
-    elif head.endswith(",global_oom"):
-        rep.oom_memcg = None
-    return True
-
 
 class OomParser:
     """Assembles OOM reports from kernel records; ``feed`` returns the events
@@ -239,9 +129,9 @@ class OomParser:
         self.boot_time = boot_time
         self.max_report_lines = max_report_lines
         self.max_report_usec = max_report_usec
-        self._open: _Report | None = None
+        self._open: PartialReport | None = None
         # Context for oom.group kills that follow the first victim's line.
-        self._group: _Report | None = None
+        self._group: PartialReport | None = None
 
     # -------------------------------------------------------------- public
 
@@ -250,7 +140,7 @@ class OomParser:
             return []  # userspace writes to /dev/kmsg; never an OOM report
         out: list[OomEvent] = []
         try:
-            for line in _lines(rec.text):
+            for line in record_lines(rec.text):
                 self._line(rec, line, out)
         except Exception:  # noqa: BLE001 - a parser bug must not stop the follower
             log.exception("kmsg: cannot parse record %d; skipped", rec.seq)
@@ -299,26 +189,26 @@ class OomParser:
                 out.append(self._incomplete(rep))
                 rep = self._open = None
 
-        if m := _INVOKED.match(line):
+        if m := INVOKED.match(line):
             if rep is not None:
                 out.append(self._incomplete(rep))
-            rep = self._open = _Report(
+            rep = self._open = PartialReport(
                 seq=rec.seq, ts_usec=rec.ts_usec, invoker_comm=m.group("comm")
             )
             rep.keep(line)
             self._group = None
             return
 
-        if (m := _KILLED.match(line)) is not None:
+        if (m := KILLED.match(line)) is not None:
             if (kill := self._killed(rec, line, m)) is not None:
                 out.append(kill)
             return
 
-        if _NO_KILLABLE in line:  # 4.18 and older: part of the panic line
+        if NO_KILLABLE in line:  # 4.18 and older: part of the panic line
             out.append(self._livelock(rec, line))
             return
 
-        if (m := _GROUP_KILL.match(line)) is not None:
+        if (m := GROUP_KILL.match(line)) is not None:
             # The first victim was reported; every task in this cgroup follows
             # as its own "Killed process" line with the same cause.
             if self._group is not None:
@@ -326,38 +216,38 @@ class OomParser:
             return
 
         if rep is None:
-            if not _opens_report(line):
+            if not opens_report(line):
                 return
             # The middle of a report whose header we never saw (it was before
             # the oldest record in the ring, or lost to an overrun).
-            rep = self._open = _Report(seq=rec.seq, ts_usec=rec.ts_usec)
+            rep = self._open = PartialReport(seq=rec.seq, ts_usec=rec.ts_usec)
 
-        if rep.invoker_pid is None and (m := _CPU_PID.match(line)):
+        if rep.invoker_pid is None and (m := CPU_PID.match(line)):
             if m.group("comm") == rep.invoker_comm:
                 rep.invoker_pid = int(m.group("pid"))
                 rep.keep(line)
         elif line.startswith("oom-kill:"):
-            if _apply_summary(rep, line):
+            if apply_summary(rep, line):
                 rep.keep(line)
-        elif m := _TASK_IN.match(line):
+        elif m := TASK_IN.match(line):
             rep.task_memcg = m.group("task")
             rep.oom_memcg = m.group("oom")
             rep.constraint = rep.constraint or "CONSTRAINT_MEMCG"
             rep.keep(line)
-        elif rep.oom_memcg is None and (m := _MEMCG_STATS.match(line)):
+        elif rep.oom_memcg is None and (m := MEMCG_STATS.match(line)):
             rep.oom_memcg = m.group("cg")
             rep.constraint = rep.constraint or "CONSTRAINT_MEMCG"
-        elif m := _TABLE_HEAD.match(line):
+        elif m := TABLE_HEAD.match(line):
             rep.table_cols = m.group("cols").split()
-        elif rep.table_cols and (m := _TABLE_ROW.match(line)):
+        elif rep.table_cols and (m := TABLE_ROW.match(line)):
             self._table_row(rep, int(m.group("pid")), m.group("rest"))
-        elif m := _SELECT.match(line):
+        elif m := SELECT.match(line):
             # 4.x names the chosen task here; the victim may be its child.
             if rep.constraint is None:
-                rep.constraint = _PREFIX_CONSTRAINT.get(m.group("prefix").split(" (")[0])
+                rep.constraint = PREFIX_CONSTRAINT.get(m.group("prefix").split(" (")[0])
             rep.keep(line)
 
-    def _table_row(self, rep: _Report, pid: int, rest: str) -> None:
+    def _table_row(self, rep: PartialReport, pid: int, rest: str) -> None:
         cols = rep.table_cols or []
         # Every column but the last ("name", which may hold spaces) is a number.
         parts = rest.split(None, len(cols) - 1)
@@ -377,7 +267,7 @@ class OomParser:
         pid = int(m.group("pid"))
         comm = m.group("comm")
         nums: dict[str, int] = {}
-        for k, v in _KILLED_FIELD.findall(m.group("tail")):
+        for k, v in KILLED_FIELD.findall(m.group("tail")):
             nums.setdefault(k, int(v))
         prefix = m.group("prefix")
 
@@ -391,9 +281,9 @@ class OomParser:
                 return None
         if rep is None:
             # A kill whose report header the kernel rate-limited away.
-            rep = _Report(seq=rec.seq, ts_usec=rec.ts_usec)
+            rep = PartialReport(seq=rec.seq, ts_usec=rec.ts_usec)
         if rep.summary_line is not None and rep.summary_comm != comm and rep.summary_pid == pid:
-            _apply_summary(rep, rep.summary_line, comm)
+            apply_summary(rep, rep.summary_line, comm)
         same_victim = rep.summary_pid == pid
         seq, ts = (rec.seq, rec.ts_usec) if group else (rep.seq, rep.ts_usec)
         kill = OomKill(
@@ -419,7 +309,7 @@ class OomParser:
             raw=[*rep.raw[: RAW_LINES_MAX - 1], line],
         )
         if kill.constraint is None and prefix is not None:
-            kill.constraint = _PREFIX_CONSTRAINT.get(prefix.split(" (")[0])
+            kill.constraint = PREFIX_CONSTRAINT.get(prefix.split(" (")[0])
         if kill.victim_uid is None and same_victim:
             kill.victim_uid = rep.summary_uid
         if pid in rep.table:
@@ -432,7 +322,7 @@ class OomParser:
             self._group = rep
         return kill
 
-    def _incomplete(self, rep: _Report) -> OomKill:
+    def _incomplete(self, rep: PartialReport) -> OomKill:
         """What a report that never reached its kill line tells."""
         uid = rep.summary_uid
         adj = None
@@ -457,7 +347,7 @@ class OomParser:
         )
 
     def _livelock(self, rec: KmsgRecord, line: str) -> OomLivelock:
-        rep = self._open or _Report(seq=rec.seq, ts_usec=rec.ts_usec)
+        rep = self._open or PartialReport(seq=rec.seq, ts_usec=rec.ts_usec)
         self._open = None
         self._group = None
         return OomLivelock(
@@ -504,5 +394,3 @@ class LivelockTracker:
 
     def active(self, now: float) -> bool:
         return self._last_seen is not None and now - self._last_seen < self.clear_after
-
-
