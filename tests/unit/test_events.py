@@ -367,3 +367,15 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path, monkeypatch: 
         for n in range(3):
             s.add("refusal", {"uid": 1001, "reason": "busy"}, ts=2.0 + n, uids=[1001])
         assert [e["data"].get("count") for e in s.query(uid=1001)] == [None, 3]
+
+
+def test_a_full_database_raises_its_own_error_and_stays_usable(store: EventStore) -> None:
+    store.add("grant", {"n": 0})
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # real SQLITE_FULL
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.add("grant", {"blob": "x" * 100_000}, uids=[5])
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.add("grant", {"n": 1})
+    assert [e["data"].get("n") for e in store.query()] == [0, 1]
+    assert store.integrity_check() == "ok"

@@ -142,7 +142,7 @@ class EventStore:
             db.execute(f"PRAGMA user_version = {target}")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     @property
@@ -192,7 +192,7 @@ class EventStore:
                     self._set_state_locked(key, value)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             self._adds += 1
             due = self.prune_every > 0 and self._adds % self.prune_every == 0
@@ -241,7 +241,7 @@ class EventStore:
                         ).rowcount
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             if gone:
                 db.execute("PRAGMA incremental_vacuum").fetchall()  # frees a page per step
@@ -343,6 +343,13 @@ class EventStore:
         self.close()
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    # SQLite rolls back by itself on SQLITE_FULL and some I/O errors; a
+    # second ROLLBACK would then raise and hide the real error.
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 def _coalesce_key(kind: str, record: Mapping[str, Any]) -> str | None:
     fields = COALESCE_FIELDS.get(kind)
     if fields is None or any(record.get(f) is None for f in fields):
@@ -353,6 +360,7 @@ def _coalesce_key(kind: str, record: Mapping[str, Any]) -> str | None:
 def _retention_classes() -> list[tuple[str, tuple[str, ...]]]:
     """(SQL condition, its arguments) per class; kinds this version does not
     know (a newer daemon's) are bounded together."""
+
     def marks(kinds: tuple[str, ...]) -> str:
         return ",".join("?" * len(kinds))
 
