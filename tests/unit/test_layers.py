@@ -23,6 +23,7 @@ RANK = {
     "forensics": 3,
     "broker": 3,
     "healer": 3,
+    "notify": 3,
     "daemon": 4,
     "cli": 5,
 }
