@@ -19,6 +19,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,9 @@ class ProcEvents:
         self.sock: socket.socket | None = None
 
     def open(self) -> None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_CONNECTOR)
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_CONNECTOR
+        )
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf)  # SO_RCVBUFFORCE
@@ -115,33 +118,87 @@ class ProcEvents:
 
     def run(self, callback: Callable[[Event], None], stop: threading.Event) -> None:
         """Deliver events to ``callback`` until ``stop`` is set. A callback
-        that raises is logged; the stream goes on."""
+        that raises is logged; the stream goes on. After a loss, ("lost",)
+        is delivered at once, again once the backlog is drained, and every
+        ``LossTracker.MID_STORM`` seconds while it is not."""
         if self.sock is None:
             self.open()
         assert self.sock is not None
+        losses = LossTracker()
+
+        def deliver(events: list[Event]) -> None:
+            for ev in events:
+                try:
+                    callback(ev)
+                except Exception:  # noqa: BLE001 - one bad event must not end the stream
+                    log.exception("process event handler failed on %r", ev)
+
         try:
             while not stop.is_set():
-                if not select.select([self.sock], [], [], 0.2)[0]:
+                timeout = IDLE_WAIT if losses.due is None else DRAIN_WAIT
+                if not select.select([self.sock], [], [], timeout)[0]:
+                    if losses.drained(time.monotonic()):
+                        deliver([("lost",)])
                     continue
                 try:
                     datagram = self.sock.recv(65536)
                 except OSError as e:
                     if e.errno == errno.ENOBUFS:
-                        log.warning("process events lost (receive buffer overrun); resyncing")
-                        events: list[Event] = [("lost",)]
-                    elif e.errno in (errno.EINTR, errno.EAGAIN):
+                        if losses.overrun(time.monotonic()):
+                            log.warning("process events lost (receive buffer overrun); resyncing")
+                            deliver([("lost",)])
                         continue
-                    else:
-                        raise
-                else:
-                    events = parse(datagram)
-                for ev in events:
-                    try:
-                        callback(ev)
-                    except Exception:  # noqa: BLE001 - one bad event must not end the stream
-                        log.exception("process event handler failed on %r", ev)
+                    if e.errno in (errno.EINTR, errno.EAGAIN):
+                        continue
+                    raise
+                events = parse(datagram)
+                if losses.mid_storm(time.monotonic()):
+                    events.append(("lost",))
+                deliver(events)
         finally:
             self.close()
+
+
+IDLE_WAIT = 0.2
+DRAIN_WAIT = 0.05  # no datagram for this long after a loss: the backlog is drained
+
+
+class LossTracker:
+    """When to tell the consumer to resync after lost events.
+
+    The socket stays congested after the first ENOBUFS and drops more until
+    its queue drains, so a resync run mid-backlog misses what was lost after
+    it. So there is one resync at the loss, the one that counts after the
+    queue is found empty, and while a storm keeps it full one every
+    ``MID_STORM`` s."""
+
+    MID_STORM = 1.0
+
+    def __init__(self) -> None:
+        self.due: float | None = None  # first loss not yet followed by a drained resync
+        self._last: float | None = None  # last resync delivered
+
+    def overrun(self, now: float) -> bool:
+        """A loss; True if it starts a new episode (resync now, and log)."""
+        fresh = self.due is None
+        if fresh:
+            self.due = self._last = now
+        return fresh
+
+    def mid_storm(self, now: float) -> bool:
+        if self.due is None:
+            return False
+        if self._last is None or now - self._last >= self.MID_STORM:
+            self._last = now
+            return True
+        return False
+
+    def drained(self, now: float) -> bool:
+        if self.due is None:
+            return False
+        self.due = None
+        self._last = now
+        return True
 
 
 def available() -> bool:

@@ -1,0 +1,51 @@
+"""host/procevents.py: resyncs after lost events, and the real connector."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from oomguard.host import procevents
+from oomguard.host.procevents import LossTracker
+
+
+def test_a_loss_resyncs_at_once_and_again_once_the_queue_is_drained() -> None:
+    t = LossTracker()
+    assert not t.drained(0.0) and not t.mid_storm(0.0)  # nothing lost: nothing to do
+    assert t.overrun(10.0)  # first loss: resync now
+    assert not t.overrun(10.1)  # the same episode
+    assert not t.mid_storm(10.5)
+    assert t.drained(10.6)  # the backlog is gone: the resync that sees everything
+    assert not t.drained(10.7) and not t.mid_storm(20.0)  # and only once
+
+
+def test_a_storm_that_keeps_the_queue_full_resyncs_every_second() -> None:
+    t = LossTracker()
+    t.overrun(0.0)
+    assert [t.mid_storm(x / 10) for x in range(1, 25)].count(True) == 2  # at 1.0 and 2.0
+    t.overrun(2.2)  # still the same episode
+    assert t.drained(2.5)
+
+
+@pytest.mark.skipif(not procevents.available(), reason="needs root and the process-event connector")
+def test_an_overrun_of_the_real_connector_is_followed_by_a_drained_resync() -> None:
+    pe = procevents.ProcEvents(rcvbuf=4096)
+    pe.open()
+    assert pe.sock is not None
+    pe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+    for _ in range(5):  # far more events than the buffer holds, none read yet
+        subprocess.run(["/bin/sh", "-c", "for i in $(seq 60); do /bin/true; done"], check=True)
+    seen: list[tuple] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=pe.run, args=(seen.append, stop), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while seen.count(("lost",)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    thread.join(10)
+    assert seen.count(("lost",)) >= 2, seen[:5]  # at the loss, and after the drain
