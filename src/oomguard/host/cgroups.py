@@ -247,11 +247,34 @@ def effective_memory_limit(cgroup: str) -> int | None:
     return best
 
 
-def unit_of(cgroup: str | None) -> str | None:
-    """The innermost systemd unit (service or scope) in a cgroup path."""
+def unit_of(cgroup: str | None, *, check_owner: bool = True) -> str | None:
+    """The innermost systemd unit (service or scope) that the system's
+    manager placed ``cgroup`` in.
+
+    Names below a user's own manager (``user@UID.service``) or inside a
+    cgroup a user owns (a delegated subtree) are chosen by that user, so they
+    do not count: a cgroup named ``.../user@1000.service/app.slice/
+    shop-queue.service`` is in ``user@1000.service``. ``check_owner`` stats
+    each level (False: the path alone decides, for paths not on this host)."""
     if not cgroup:
         return None
-    for part in reversed(cgroup.strip("/").split("/")):
+    unit = None
+    path = ROOT
+    for part in cgroup.strip("/").split("/"):
+        if not part:
+            continue
+        path = path / part
+        if check_owner and _owned_by_a_user(path):
+            break
         if part.endswith((".service", ".scope")):
-            return part
-    return None
+            unit = part
+        if part.startswith("user@") and part.endswith(".service"):
+            break
+    return unit
+
+
+def _owned_by_a_user(path: Path) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_uid != 0
+    except FileNotFoundError:
+        return False  # gone (or not on this host): no evidence of delegation
