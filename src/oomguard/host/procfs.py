@@ -235,15 +235,27 @@ def read_cmdline(pid: int | str = "self", dir_fd: int | None = None, limit: int 
     return [a.decode("utf-8", "replace") for a in data.split(b"\0") if a] if data else []
 
 
+CMDLINE_READERS = 8
+# A slot is held by the reading thread until its read returns, not until its
+# caller stops waiting, so stuck readers (a process that holds its mmap lock
+# forever) are bounded too.
+_cmdline_slots = threading.BoundedSemaphore(CMDLINE_READERS)
+
+
 def read_cmdline_bounded(pid: int, dir_fd: int | None = None, timeout: float = 0.2, limit: int = 1024) -> str:
-    """cmdline for logs: bounded in time and size, never raises."""
+    """cmdline for logs: bounded in time and size, never raises, and never
+    more than CMDLINE_READERS reading threads alive at once."""
     result: list[str] = []
+    if not _cmdline_slots.acquire(blocking=False):
+        return "<cmdline not read: readers busy>"
 
     def work() -> None:
         try:
             result.append(" ".join(read_cmdline(pid, dir_fd, limit=limit)))
         except Exception as e:  # noqa: BLE001 - a log line must never fail
             result.append(f"<unreadable: {e.__class__.__name__}>")
+        finally:
+            _cmdline_slots.release()
 
     t = threading.Thread(target=work, name=f"cmdline-{pid}", daemon=True)
     t.start()
