@@ -290,3 +290,25 @@ def test_the_example_config_names_every_key():
         assert f"healer.check.{key}" in keys, key
     assert {"healer.window.from", "healer.window.to", "healer.window.grace",
             "healer.service.name", "healer.service.restart"} <= keys
+
+
+# ---------------------------------------------------------------- the dependency lists
+
+
+def bash_array(path: Path, name: str) -> set[str]:
+    """The words of a bash array assignment ``NAME=( ... )``, comments dropped."""
+    body = re.search(rf"^{name}=\((.*?)^\)", path.read_text(), re.M | re.S).group(1)
+    return {line.split("#")[0].strip() for line in body.splitlines()} - {""}
+
+
+def test_build_deb_installs_every_build_dependency_and_the_test_deps_list_has_them():
+    control = (REPO / "debian" / "control").read_text()
+    build_depends = re.search(r"^Build-Depends:(.*?)^\S", control, re.M | re.S).group(1)
+    wanted = {re.split(r"[ (]", d.strip())[0] for d in build_depends.split(",")} - {""}
+    # Virtual names and the packages that provide them.
+    provided = {"debhelper-compat": "debhelper", "dh-sequence-python3": "dh-python"}
+    wanted = {provided.get(d, d) for d in wanted} | {"dpkg-dev", "lintian", "python3-prometheus-client"}
+    build_deb = bash_array(REPO / "scripts" / "build-deb", "BUILD_DEPS")
+    assert wanted <= build_deb, wanted - build_deb
+    test_deps = bash_array(REPO / "scripts" / "install-test-deps", "APT_PACKAGES")
+    assert build_deb | {"man-db", "bash-completion"} <= test_deps
