@@ -344,8 +344,9 @@ def test_protected_runs_and_their_descendants_are_never_touched(classes, tmp_pat
         assert (d[pid].action, d[pid].reason) == ("skip", policy.PROTECTED), pid
         assert d[pid].class_name == "app-user"  # shown, but not applied
     assert d[700].action == "set"
-    # descendants found by walking the tree are now followed by the registry
-    assert reg.is_protected(502, 5020, None)
+    # a plan only reads the registry: descendants found by walking the tree
+    # are followed by the enforcer (through the run lifecycle), not here
+    assert not reg.is_protected(502, 5020, None)
 
 
 def test_apply_rechecks_protection_right_before_writing(tmp_path):

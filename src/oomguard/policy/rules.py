@@ -281,6 +281,9 @@ class Resolver:
         # child key -> its parent's class, when the parent is known from a
         # fork event but may be gone (and the child reparented) by now
         self.parent_hints: dict[tuple[int, int], PolicyClass | None] = {}
+        # (parent, child) where protection was found only by walking up from
+        # the child: the enforcer tells the run lifecycle, this never writes.
+        self.found_descendants: list[tuple[procfs.Proc, procfs.Proc]] = []
         self._busy: set[tuple[int, int]] = set()
 
     def parent(self, proc: procfs.Proc) -> procfs.Proc | None:
@@ -333,9 +336,7 @@ class Resolver:
             try:
                 if par is not None and self.protected(par, depth + 1):
                     result = True
-                    # Follow it from now on even after the parent exits
-                    # (the registry only learns of children from fork events).
-                    self.registry.on_fork(par.pid, par.starttime, proc.pid, proc.starttime)
+                    self.found_descendants.append((par, proc))
             finally:
                 self._busy.discard(key)
         self.protect_memo[key] = result
