@@ -27,6 +27,7 @@ from oomguard.config import (
 )
 from oomguard.host import cgroups, procfs
 from oomguard.policy import rules as policy
+from oomguard.policy import writes as policy_writes
 from oomguard.policy.enforcer import Enforcer
 from oomguard.runs.registry import Run, RunRegistry
 
@@ -575,7 +576,7 @@ def test_apply_checks_and_writes_under_the_registry_lock(tmp_path, monkeypatch):
         assert reg.lock._is_owned()
         writes.append((pid, value))
 
-    monkeypatch.setattr(policy, "_write_checked", write)
+    monkeypatch.setattr(policy_writes, "_write_checked", write)
     d = policy.decide(P(77, comm="oomgtest-x"), policy.Resolver(_test_classes(), lambda pid: None, None))
     assert [c.ok for c in policy.apply([d], registry=reg)] == [True]
     assert writes == [(77, 500)]

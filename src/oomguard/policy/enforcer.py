@@ -1,6 +1,6 @@
 """Keeping the policy in force in the daemon.
 
-policy.py says which process gets which oom_score_adj; this module applies
+rules.py and its siblings say which process gets which oom_score_adj; this module applies
 that to processes as they start. The ``Enforcer`` classifies and fixes one
 process per process event (fork, exec, uid change), looks again at fresh
 forks once they settled, and falls back to polling /proc where there are no
@@ -23,7 +23,10 @@ from typing import Any
 
 from oomguard.config import Config, PolicyClass
 from oomguard.host import cgroups, procfs
-from oomguard.policy.rules import PROTECTED, Change, Decision, Resolver, apply, classes_for, decide
+from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
+from oomguard.policy.resolver import Resolver
+from oomguard.policy.rules import classes_for
+from oomguard.policy.writes import apply
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import RunRegistry
 
