@@ -151,7 +151,7 @@ def test_the_writer_does_not_hold_the_registry_lock_during_disk_io(path, monkeyp
     reg = RunRegistry(path, "boot", deferred=True)
     reg.add(mk(1))
     free_during_write = []
-    real_write = statefile.write_json_atomic
+    real_write = statefile.write_text_atomic
 
     def write(p, data):
         # another thread (a grant, a policy write) can take the lock meanwhile
@@ -167,7 +167,7 @@ def test_the_writer_does_not_hold_the_registry_lock_during_disk_io(path, monkeyp
         t.join()
         real_write(p, data)
 
-    monkeypatch.setattr(statefile, "write_json_atomic", write)
+    monkeypatch.setattr(statefile, "write_text_atomic", write)
     assert reg.flush()
     assert free_during_write == [True]
 
@@ -194,6 +194,21 @@ def test_a_full_disk_keeps_the_state_in_memory_and_retries(path, monkeypatch, ca
     monkeypatch.setattr(os, "write", real_write)
     assert reg.flush()  # space again: the retry writes what memory kept
     assert on_disk(path) == [1, 2]
+
+
+def test_what_is_written_is_what_a_restart_reads_after_every_change(path):
+    reg = RunRegistry(path, "boot", deferred=True)
+    reg.add(mk(1, cgroup="/oomguard-run-1", extra={"k": [1]}))
+    reg.add(mk(2))
+    reg.on_fork(4002, 2, 7000, 70)
+    assert reg.flush()
+    reg.update(1, peak_memory=123)  # a new version of run 1: encoded again
+    RunLifecycle(reg).end(2, "killed by healer")
+    assert reg.flush()
+    again = RunRegistry(path, "boot")
+    assert again.all() == reg.all() and again._next_id == reg._next_id
+    assert again.get(1).peak_memory == 123 and again.get(1).extra == {"k": [1]}
+    assert [r.id for r in again.take_ended()] == [2]
 
 
 def test_a_registry_not_deferred_writes_each_change(path):

@@ -16,6 +16,7 @@ event store keeps their history).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import defaultdict
@@ -111,6 +112,7 @@ class RunRegistry:
         self._members_of: dict[int, set[tuple[int, int]]] = defaultdict(set)
         # Runs ended but not yet handed to the reaper's caller (for run_end).
         self._unannounced: list[int] = []
+        self._encoded: dict[int, tuple[Run, str]] = {}  # run id -> (the version encoded, its JSON)
         self.writer = StateWriter(self.path, self.lock, self._snapshot)
         self._load()
 
@@ -145,15 +147,25 @@ class RunRegistry:
         if lost:
             self.writer.changed()
 
-    def _snapshot(self) -> dict:
-        return {
+    def _snapshot(self) -> str:
+        """runs.json's text. Each run is encoded once per version (a Run is
+        replaced, never changed), so a write with hundreds of ended runs
+        only encodes what changed; asdict's deep copy and encoding every
+        run again were most of a grant's cost with a big registry."""
+        encoded: dict[int, tuple[Run, str]] = {}
+        for rid, run in self._runs.items():
+            cached = self._encoded.get(rid)
+            if cached is None or cached[0] is not run:
+                cached = (run, json.dumps({**vars(run), "extra": run.extra}, sort_keys=True))
+            encoded[rid] = cached
+        self._encoded = encoded
+        head = json.dumps({
             "boot_id": self.boot_id,
             "next_id": self._next_id,
-            # A shallow copy: asdict's deep copy was most of a grant's cost with many runs.
-            "runs": [{**vars(r), "extra": dict(r.extra)} for r in self._runs.values()],
             "members": [[p, s, r] for (p, s), r in self._members.items()],
             "unannounced": list(self._unannounced),
-        }
+        }, sort_keys=True)
+        return head[:-1] + ', "runs": [' + ", ".join(text for _, text in encoded.values()) + "]}"
 
     def _changed(self) -> None:
         """Called with the lock held after every change."""

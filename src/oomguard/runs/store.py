@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from oomguard.host import statefile
 
@@ -28,11 +27,12 @@ LOG_EVERY = 60.0  # seconds between two warnings about failing writes
 class StateWriter:
     """Dirty tracking plus one writer at a time for one state file.
 
-    ``snapshot`` is called under the registry's lock and must only copy;
+    ``snapshot`` is called under the registry's lock and returns the file's
+    text (cheaply: it must not wait on anything);
     the disk I/O happens after that lock is released, under a lock of its
     own that only writers take."""
 
-    def __init__(self, path: str | Path, lock: threading.RLock, snapshot: Callable[[], Any]):
+    def __init__(self, path: str | Path, lock: threading.RLock, snapshot: Callable[[], str]):
         self.path = Path(path)
         self._lock = lock
         self._snapshot = snapshot
@@ -64,7 +64,7 @@ class StateWriter:
                     return True
                 data = self._snapshot()
             try:
-                statefile.write_json_atomic(self.path, data)
+                statefile.write_text_atomic(self.path, data)
             except OSError as e:
                 self.failures += 1
                 now = time.monotonic()
