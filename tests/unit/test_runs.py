@@ -211,6 +211,20 @@ def test_what_is_written_is_what_a_restart_reads_after_every_change(path):
     assert [r.id for r in again.take_ended()] == [2]
 
 
+def test_the_reapers_round_survives_a_full_disk(path, monkeypatch):
+    """The daemon's reaper ends runs and then flushes; on ENOSPC neither
+    raises (a raise there used to stop the whole daemon)."""
+    reg = RunRegistry(path, "boot", deferred=True)
+    reg.add(mk(1))
+
+    def full(p, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(statefile, "write_text_atomic", full)
+    (ended,) = RunLifecycle(reg).reap()
+    assert reg.flush() is False and not reg.get(1).active and ended.id == 1
+
+
 def test_a_registry_not_deferred_writes_each_change(path):
     reg = RunRegistry(path, "boot")
     reg.add(mk(1))
