@@ -30,7 +30,8 @@ from oomguard.healer import healer
 from oomguard.host import cgroups, procevents, procfs
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
-from oomguard.runs.registry import Run, RunRegistry, decode_wait_status
+from oomguard.runs.lifecycle import RunLifecycle
+from oomguard.runs.registry import Run, RunRegistry
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ class Daemon:
         self.stop = threading.Event()
         state_dir = Path(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.registry = RunRegistry(state_dir / "runs.json")
+        # Deferred: the reaper writes runs.json, so no fork or end waits on the disk.
+        self.registry = RunRegistry(state_dir / "runs.json", deferred=True)
+        self.lifecycle = RunLifecycle(self.registry)
         self.store = events.EventStore(cfg.events.db, cfg.events.max_age, cfg.events.max_rows)
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
@@ -139,13 +142,11 @@ class Daemon:
     def on_proc_event(self, ev: tuple) -> None:
         kind = ev[0]
         if kind == "exit":
-            run = self.registry.by_pid(ev[1])
-            if run is not None and run.exit_status is None:
-                self.registry.update(run.id, exit_status=decode_wait_status(ev[2]))
+            self.lifecycle.exited(ev[1], ev[2])
         if self.cfg.policy.enforce:
             self.enforcer.handle(ev)  # its on_fork also tells the registry, first
         elif kind == "fork":
-            self.registry.on_fork(ev[1], procfs.starttime_of(ev[1]), ev[2], procfs.starttime_of(ev[2]))
+            self.lifecycle.member(ev[1], procfs.starttime_of(ev[1]), ev[2], procfs.starttime_of(ev[2]))
 
     # ------------------------------------------------------------ policy hooks for the healer
 
@@ -232,9 +233,11 @@ class Daemon:
 
     def _reaper(self) -> None:
         while not self.stop.wait(0.5):
-            for run in self.registry.reap():
+            for run in self.lifecycle.reap():
                 self.on_run_end(run)
             self._sample()
+            self.registry.flush()  # the batched changes; a full disk is logged and retried
+        self.registry.flush()
 
     def _sample(self) -> None:
         app = status.app_slice(self.cfg)

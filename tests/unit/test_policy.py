@@ -27,6 +27,7 @@ from oomguard.config import (
 )
 from oomguard.host import cgroups, procfs
 from oomguard.policy import rules as policy
+from oomguard.policy import writes as policy_writes
 from oomguard.policy.enforcer import Enforcer
 from oomguard.runs.registry import Run, RunRegistry
 
@@ -344,8 +345,9 @@ def test_protected_runs_and_their_descendants_are_never_touched(classes, tmp_pat
         assert (d[pid].action, d[pid].reason) == ("skip", policy.PROTECTED), pid
         assert d[pid].class_name == "app-user"  # shown, but not applied
     assert d[700].action == "set"
-    # descendants found by walking the tree are now followed by the registry
-    assert reg.is_protected(502, 5020, None)
+    # a plan only reads the registry: descendants found by walking the tree
+    # are followed by the enforcer (through the run lifecycle), not here
+    assert not reg.is_protected(502, 5020, None)
 
 
 def test_apply_rechecks_protection_right_before_writing(tmp_path):
@@ -574,7 +576,7 @@ def test_apply_checks_and_writes_under_the_registry_lock(tmp_path, monkeypatch):
         assert reg.lock._is_owned()
         writes.append((pid, value))
 
-    monkeypatch.setattr(policy, "_write_checked", write)
+    monkeypatch.setattr(policy_writes, "_write_checked", write)
     d = policy.decide(P(77, comm="oomgtest-x"), policy.Resolver(_test_classes(), lambda pid: None, None))
     assert [c.ok for c in policy.apply([d], registry=reg)] == [True]
     assert writes == [(77, 500)]

@@ -41,6 +41,8 @@ from pathlib import Path
 
 from oomguard.config import Config, ProtectConfig, login_uid_range
 from oomguard.host import cgroups, procfs
+from oomguard.runs import lifecycle
+from oomguard.runs.lifecycle import RunLifecycle, RunRefused
 from oomguard.runs.registry import Run, RunRegistry
 
 log = logging.getLogger(__name__)
@@ -189,18 +191,7 @@ def make_run_cgroup(run_id: int, pid: int, caller_cgroup: str | None) -> str | N
             and _systemd_scope(run_id, pid, slice_)
         ):
             return cgroups.join(parent, f"oomguard-run-{run_id}.scope")
-    cg = cgroups.join(caller_cgroup, f"oomguard-run-{run_id}")
-    try:
-        cgroups.create(cg)
-        cgroups.move(pid, cg)
-    except OSError as e:
-        log.warning("run %d: no cgroup of its own under %s: %s", run_id, caller_cgroup, e)
-        try:
-            cgroups.remove(cg)
-        except OSError:
-            pass
-        return None
-    return cg
+    return lifecycle.make_cgroup(run_id, pid, caller_cgroup)  # refuses a planted or unmakeable one
 
 
 def _systemd_scope(run_id: int, pid: int, slice_: str) -> bool:
@@ -244,6 +235,7 @@ class Granter:
     ):
         self.config = config
         self.registry = registry
+        self.lifecycle = RunLifecycle(registry)
         self.on_grant = on_grant
         self.on_refusal = on_refusal
         self._cmdline_readers = threading.BoundedSemaphore(8)
@@ -270,6 +262,12 @@ class Granter:
             raise
 
     def _grant(self, peer: Peer) -> Run:
+        try:
+            return self._grant_run(peer)
+        except RunRefused as r:
+            raise Refusal(str(r), r.reason) from None
+
+    def _grant_run(self, peer: Peer) -> Run:
         if not is_allowed(self.config, peer):
             raise Refusal(refusal_text(self.config, peer), "not_allowed")
         if peer.pin_error or peer.dirfd is None or peer.pidfd is None:
@@ -287,6 +285,11 @@ class Granter:
                 f"the requesting process changed identity (uids {status.uids[:3]}, connected as {peer.uid})",
                 "identity",
             )
+        existing = self.lifecycle.admit(
+            peer.uid, peer.pid, st.starttime, caller_cgroup, self.config.max_runs_per_uid
+        )
+        if existing is not None:
+            return self._rejoin(peer, existing)  # never a second run nested in the first
         command = self.command_of(peer)
         run_id = self.registry.new_id()
         cgroup = make_run_cgroup(run_id, peer.pid, caller_cgroup) if self.config.run_cgroups else None
@@ -305,7 +308,7 @@ class Granter:
         # checks protection under the same lock, so it can never overwrite
         # the -1000 with a class value it decided a moment earlier.
         with self.registry.lock:
-            self.registry.add(run)
+            self.lifecycle.begin(run)
             try:
                 procfs.write_oom_score_adj(PROTECTED, dir_fd=peer.dirfd)
                 if not pidfd_alive(peer.pidfd):
@@ -316,6 +319,7 @@ class Granter:
             except OSError as e:
                 self._undo(run)
                 raise Refusal(f"the broker could not set oom_score_adj: {e.strerror}", "error") from None
+        self.registry.flush()  # on disk before the reply, off the lock; a full disk is logged
         log.info(
             "granted protection: run=%d uid=%d user=%s pid=%d cgroup=%s command=%r",
             run.id, run.uid, run.user, run.pid, cgroup, command,
@@ -323,13 +327,23 @@ class Granter:
         self.on_grant(run)
         return run
 
-    def _undo(self, run: Run) -> None:
-        self.registry.discard(run.id)
-        if run.cgroup:
+    def _rejoin(self, peer: Peer, run: Run) -> Run:
+        """A process of an active run asked (again): it gets that run back,
+        and the value the run's processes have; no new run, no new cgroup."""
+        with self.registry.lock:
             try:
-                cgroups.remove(run.cgroup)
-            except OSError:
-                pass
+                procfs.write_oom_score_adj(PROTECTED, dir_fd=peer.dirfd)
+                if not pidfd_alive(peer.pidfd):
+                    raise ProcessLookupError
+            except (ProcessLookupError, FileNotFoundError):
+                raise Refusal("the requesting process is gone", "gone") from None
+            except OSError as e:
+                raise Refusal(f"the broker could not set oom_score_adj: {e.strerror}", "error") from None
+        log.info("protection asked again: run=%d uid=%d pid=%d gets its run back", run.id, run.uid, peer.pid)
+        return run
+
+    def _undo(self, run: Run) -> None:
+        self.lifecycle.abandon(run)
 
 
 # ---------------------------------------------------------------- the socket

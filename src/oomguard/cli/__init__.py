@@ -226,7 +226,7 @@ def _registry(cfg: config.Config):
     from oomguard.runs.registry import RunRegistry
 
     path = Path(cfg.state_dir) / "runs.json"
-    return RunRegistry(path) if path.exists() else None
+    return RunRegistry.open_read_only(path) if path.exists() else None  # never writes the daemon's file
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:

@@ -185,6 +185,7 @@ class ProtectConfig:
     max_connections_per_uid: int = 4
     request_timeout: float = 2.0
     run_cgroups: bool = True
+    max_runs_per_uid: int = 64  # active runs one user may hold at once
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,7 @@ def _protect(t: _Table) -> ProtectConfig:
         max_connections_per_uid=_bounded_int(t, "max_connections_per_uid", 4, 1, 1024),
         request_timeout=t.duration("request_timeout", 2.0),
         run_cgroups=t.get("run_cgroups", True, bool),
+        max_runs_per_uid=_bounded_int(t, "max_runs_per_uid", ProtectConfig.max_runs_per_uid, 1, 4096),
     )
     t.done()
     return cfg

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oomguard.host import cgroups, procfs
+from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import Run, RunRegistry
 
 # The healer's logger: what is logged here is the healer's doing, and the
@@ -261,10 +262,10 @@ class Kill:
 
     def term(self) -> None:
         handles = self._pin_new()
-        if handles and self.run is not None and self.run.end_reason is None:
-            # Recorded before the signal, so the reaper keeps our reason if it
+        if handles and self.run is not None:
+            # Claimed before the signal, so the reaper keeps our reason if it
             # sees the run end first.
-            self.killer.registry.update(self.run.id, end_reason=self.reason)
+            RunLifecycle(self.killer.registry).claim_end(self.run.id, self.reason)
         for handle in handles:
             if self._signal(handle, signal.SIGTERM):
                 self.termed += 1
@@ -389,32 +390,17 @@ class Kill:
             if complete:
                 self._end_run(self.reason)
             else:
-                # Something of it still runs: take back the reason set at SIGTERM.
-                cur = self.killer.registry.get(self.run.id)
-                if cur is not None and cur.active and cur.end_reason == self.reason:
-                    self.killer.registry.update(self.run.id, end_reason=None)
+                # Something of it still runs: take back the claim made at SIGTERM.
+                RunLifecycle(self.killer.registry).withdraw_claim(self.run.id, self.reason)
             if complete and self.run.tty:
                 record["told_tty"] = tell_tty(self.run.tty, self.run.uid, self._message(why))
         return record
 
     def _end_run(self, reason: str) -> None:
-        run = self.killer.registry.get(self.run.id) if self.run else None
-        if run is None:
-            return
-        peak = None
-        own = self.own_cgroup()  # never rmdir a shared cgroup
-        if own is not None:
-            peak = cgroups.memory_peak(own)
-            try:
-                cgroups.remove(own)
-            except OSError as e:
-                log.warning("run %d: cannot remove cgroup %s: %s", run.id, own, e)
-        # The end itself is the reaper's to record (with the run_end event it
-        # emits); the reason set here is what it will record.
-        changes: dict[str, Any] = {"end_reason": reason}
-        if peak is not None:
-            changes["peak_memory"] = peak
-        self.killer.registry.update(run.id, **changes)
+        # The lifecycle removes the run's own cgroup and records the end once;
+        # the reaper then emits run_end for it.
+        if self.run is not None:
+            RunLifecycle(self.killer.registry).end(self.run.id, reason)
 
     def _message(self, why: str) -> str:
         run = self.run

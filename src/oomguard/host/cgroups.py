@@ -113,11 +113,12 @@ def enable_controllers(cgroup: str, names: list[str]) -> None:
         _write(cgroup, "cgroup.subtree_control", " ".join(f"+{n}" for n in missing))
 
 
-def create(cgroup: str, mode: int = 0o755) -> None:
+def create(cgroup: str, mode: int = 0o755, *, exist_ok: bool = True) -> None:
     try:
         path(cgroup).mkdir(mode=mode)
     except FileExistsError:
-        pass
+        if not exist_ok:
+            raise
 
 
 def procs(cgroup: str) -> list[int]:

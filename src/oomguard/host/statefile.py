@@ -12,16 +12,27 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write to a temp file, fsync, rename over the target, fsync the dir:
     a reader (or a daemon restarted after SIGKILL) sees the old or the new
     content, never a torn one."""
+    write_text_atomic(path, json.dumps(data, sort_keys=True))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """write_json_atomic for text the caller encoded already."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        try:
+            payload = memoryview(text.encode())
+            while payload:  # a short write is possible on a nearly full disk
+                payload = payload[os.write(fd, payload):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (ENOSPC) leaves no temp file behind
+        raise
     dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)

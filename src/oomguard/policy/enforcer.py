@@ -1,6 +1,6 @@
 """Keeping the policy in force in the daemon.
 
-policy.py says which process gets which oom_score_adj; this module applies
+rules.py and its siblings say which process gets which oom_score_adj; this module applies
 that to processes as they start. The ``Enforcer`` classifies and fixes one
 process per process event (fork, exec, uid change), looks again at fresh
 forks once they settled, and falls back to polling /proc where there are no
@@ -23,7 +23,11 @@ from typing import Any
 
 from oomguard.config import Config, PolicyClass
 from oomguard.host import cgroups, procfs
-from oomguard.policy.rules import PROTECTED, Change, Decision, Resolver, apply, classes_for, decide
+from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
+from oomguard.policy.resolver import Resolver
+from oomguard.policy.rules import classes_for
+from oomguard.policy.writes import apply
+from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import RunRegistry
 
 log = logging.getLogger(__name__)
@@ -186,7 +190,7 @@ class Enforcer:
             self.stats.events += 1
             child_start = procfs.starttime_of(child_pid)
             if self.registry is not None:
-                self.registry.on_fork(parent_pid, procfs.starttime_of(parent_pid), child_pid, child_start)
+                RunLifecycle(self.registry).member(parent_pid, procfs.starttime_of(parent_pid), child_pid, child_start)
             if child_start is not None:
                 self._settle.append((time.monotonic() + SETTLE_SECONDS, child_pid, child_start))
             return self.check(child_pid, parent_pid=parent_pid)
@@ -338,6 +342,12 @@ class Enforcer:
 
             r = Resolver(self.classes, lookup, self.registry, self.self_pid, self._classes)
             decisions = [decide(p, r) for p in procs.values()]
+            if self.registry is not None and not self.registry.read_only:
+                # Polling sees no forks: follow what the walk up found from now on,
+                # even after the parent exits.
+                runs = RunLifecycle(self.registry)
+                for par, child in r.found_descendants:
+                    runs.member(par.pid, par.starttime, child.pid, child.starttime)
             changes = apply(decisions, self.dry_run, registry=self.registry)
             self._record(changes)
             if self.app_cgroup:

@@ -6,17 +6,29 @@ cgroup (only root can move them out), which is how a run is followed after
 its first process exits, as with ``screen -d -m``. Everything later features
 need (the healer's kill, attribution of OOM kills, the policy's hands-off
 rule) reads this registry.
+
+The registry is the store; lifecycle.py is the one writer of a run's life
+(begin, members, end). Lookups go through indexes of the active runs (by
+first process, by pid, by cgroup), so a grant or a fork costs the same with
+one run recorded or a thousand. Ended runs are forgotten past a bound (the
+event store keeps their history).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from oomguard.host import cgroups, procfs
 from oomguard.host import statefile as state
+from oomguard.runs.store import StateWriter
+
+KEEP_ENDED = 500  # ended runs kept for `oomguard runs --all`
+KEEP_ENDED_SECONDS = 7 * 24 * 3600  # and none ended longer ago than this
 
 
 @dataclass(frozen=True)
@@ -52,22 +64,63 @@ def decode_wait_status(status: int) -> int:
     return -(status & 0x7F)
 
 
-class RunRegistry:
-    """Thread-safe; persisted atomically on every change."""
+class ReadOnlyRegistry(RuntimeError):
+    """A change was asked of a registry opened only to read."""
 
-    def __init__(self, path: str | Path, boot_id: str | None = None):
+
+def _ancestors(cgroup: str) -> list[str]:
+    """The cgroup and each parent up to (not including) the root."""
+    parts = cgroup.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts), 0, -1) if parts[0]]
+
+
+class RunRegistry:
+    """Thread-safe. Changes are written atomically to ``path``: at once by
+    default, or, with ``deferred``, by whoever calls ``flush`` (the daemon's
+    reaper, every half second), so that no change waits on the disk."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        boot_id: str | None = None,
+        *,
+        deferred: bool = False,
+        read_only: bool = False,
+        keep_ended: int = KEEP_ENDED,
+        keep_ended_seconds: float = KEEP_ENDED_SECONDS,
+    ):
         self.path = Path(path)
         self.boot_id = boot_id or procfs.boot_id()
+        self.deferred = deferred
+        self.read_only = read_only
+        self.keep_ended = keep_ended
+        self.keep_ended_seconds = keep_ended_seconds
         # Public: the policy holds it from its protection check to its write,
         # and the broker from registering a grant to writing -1000.
         self.lock = threading.RLock()
         self._lock = self.lock
         self._runs: dict[int, Run] = {}
         self._next_id = 1
+        # Indexes of the active runs.
+        self._by_key: dict[tuple[int, int], int] = {}
+        self._by_pid: dict[int, int] = {}
+        self._by_cgroup: dict[str, int] = {}
+        self._active_of_uid: dict[int, set[int]] = defaultdict(set)
         # (pid, starttime) of processes that belong to a run but live outside
         # its cgroup (no cgroup could be made): followed through fork events.
         self._members: dict[tuple[int, int], int] = {}
+        self._members_of: dict[int, set[tuple[int, int]]] = defaultdict(set)
+        # Runs ended but not yet handed to the reaper's caller (for run_end).
+        self._unannounced: list[int] = []
+        self._encoded: dict[int, tuple[Run, str]] = {}  # run id -> (the version encoded, its JSON)
+        self.writer = StateWriter(self.path, self.lock, self._snapshot)
         self._load()
+
+    @classmethod
+    def open_read_only(cls, path: str | Path) -> RunRegistry:
+        """A view of the daemon's registry for read-only commands: it reads
+        runs.json and never writes it."""
+        return cls(path, read_only=True)
 
     # ------------------------------------------------------------ persistence
 
@@ -75,6 +128,7 @@ class RunRegistry:
         data = state.read_json(self.path, {}) or {}
         self._next_id = int(data.get("next_id", 1))
         same_boot = data.get("boot_id") == self.boot_id
+        lost = False
         for raw in data.get("runs", []):
             try:
                 run = Run(**raw)
@@ -82,21 +136,89 @@ class RunRegistry:
                 continue
             if run.active and not same_boot:
                 run = replace(run, ended=time.time(), end_reason="lost at reboot")
+                lost = True
             self._runs[run.id] = run
+            self._index(run)
         if same_boot:
             for k in data.get("members", []):
-                self._members[(int(k[0]), int(k[1]))] = int(k[2])
+                self._add_member((int(k[0]), int(k[1])), int(k[2]))
+            self._unannounced = [int(i) for i in data.get("unannounced", []) if int(i) in self._runs]
+        self.writer.mark_written()
+        if lost:
+            self.writer.changed()
 
-    def _save(self) -> None:
-        state.write_json_atomic(
-            self.path,
-            {
-                "boot_id": self.boot_id,
-                "next_id": self._next_id,
-                "runs": [asdict(r) for r in self._runs.values()],
-                "members": [[p, s, r] for (p, s), r in self._members.items()],
-            },
-        )
+    def _snapshot(self) -> str:
+        """runs.json's text. Each run is encoded once per version (a Run is
+        replaced, never changed), so a write with hundreds of ended runs
+        only encodes what changed; asdict's deep copy and encoding every
+        run again were most of a grant's cost with a big registry."""
+        encoded: dict[int, tuple[Run, str]] = {}
+        for rid, run in self._runs.items():
+            cached = self._encoded.get(rid)
+            if cached is None or cached[0] is not run:
+                cached = (run, json.dumps({**vars(run), "extra": run.extra}, sort_keys=True))
+            encoded[rid] = cached
+        self._encoded = encoded
+        head = json.dumps({
+            "boot_id": self.boot_id,
+            "next_id": self._next_id,
+            "members": [[p, s, r] for (p, s), r in self._members.items()],
+            "unannounced": list(self._unannounced),
+        }, sort_keys=True)
+        return head[:-1] + ', "runs": [' + ", ".join(text for _, text in encoded.values()) + "]}"
+
+    def _changed(self) -> None:
+        """Called with the lock held after every change."""
+        if self.read_only:
+            raise ReadOnlyRegistry(f"{self.path} is open read-only")
+        self.writer.changed()
+
+    def _save_soon(self) -> None:
+        """Called after the lock is released: write now unless deferred."""
+        if not self.deferred and not self.read_only:
+            self.writer.flush()
+
+    def flush(self) -> bool:
+        """Write pending changes; False (logged) if the disk refused them."""
+        return True if self.read_only else self.writer.flush()
+
+    # ------------------------------------------------------------ indexes
+
+    def _index(self, run: Run) -> None:
+        if not run.active:
+            return
+        self._by_key[run.key] = run.id
+        self._by_pid[run.pid] = run.id
+        if run.cgroup:
+            self._by_cgroup[cgroups.normalize(run.cgroup)] = run.id
+        self._active_of_uid[run.uid].add(run.id)
+
+    def _unindex(self, run: Run) -> None:
+        if self._by_key.get(run.key) == run.id:
+            del self._by_key[run.key]
+        if self._by_pid.get(run.pid) == run.id:
+            del self._by_pid[run.pid]
+        if run.cgroup and self._by_cgroup.get(cgroups.normalize(run.cgroup)) == run.id:
+            del self._by_cgroup[cgroups.normalize(run.cgroup)]
+        self._active_of_uid[run.uid].discard(run.id)
+        if not self._active_of_uid[run.uid]:
+            del self._active_of_uid[run.uid]
+
+    def _add_member(self, key: tuple[int, int], run_id: int) -> None:
+        self._members[key] = run_id
+        self._members_of[run_id].add(key)
+
+    def _drop_members(self, run_id: int) -> None:
+        for k in self._members_of.pop(run_id, ()):
+            if self._members.get(k) == run_id:
+                del self._members[k]
+
+    def _put(self, run: Run) -> None:
+        old = self._runs.get(run.id)
+        if old is not None:
+            self._unindex(old)
+        self._runs[run.id] = run
+        self._index(run)
 
     # ------------------------------------------------------------ changes
 
@@ -104,12 +226,14 @@ class RunRegistry:
         with self._lock:
             rid = self._next_id
             self._next_id += 1
-            return rid
+            self._changed()
+        return rid
 
     def add(self, run: Run) -> None:
         with self._lock:
-            self._runs[run.id] = run
-            self._save()
+            self._put(run)
+            self._changed()
+        self._save_soon()
 
     def update(self, run_id: int, **changes: object) -> Run | None:
         with self._lock:
@@ -117,28 +241,77 @@ class RunRegistry:
             if run is None:
                 return None
             run = replace(run, **changes)
-            self._runs[run_id] = run
-            self._save()
-            return run
+            self._put(run)
+            if not run.active:
+                self._drop_members(run_id)
+            self._changed()
+        self._save_soon()
+        return run
+
+    def finish(self, run_id: int, **changes: object) -> Run | None:
+        """End an active run once (lifecycle.py's to call): ``ended`` and the
+        given fields are set, its members forgotten, and the run is handed to
+        the next ``take_ended``. None if it had ended already."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or not run.active:
+                return None
+            changes.setdefault("ended", time.time())
+            run = replace(run, **changes)
+            self._put(run)
+            self._drop_members(run_id)
+            self._unannounced.append(run_id)
+            self._changed()
+        self._save_soon()
+        return run
+
+    def take_ended(self) -> list[Run]:
+        """The runs ended since the last call, oldest first (for run_end)."""
+        with self._lock:
+            if not self._unannounced:
+                return []
+            out = [self._runs[i] for i in self._unannounced if i in self._runs]
+            self._unannounced = []
+            self._changed()
+        self._save_soon()
+        return out
 
     def discard(self, run_id: int) -> None:
         """Forget a run whose grant did not go through."""
         with self._lock:
-            if self._runs.pop(run_id, None) is not None:
-                self._save()
+            run = self._runs.pop(run_id, None)
+            if run is None:
+                return
+            self._unindex(run)
+            self._drop_members(run_id)
+            self._changed()
+        self._save_soon()
 
     def add_member(self, key: tuple[int, int], run_id: int) -> None:
         with self._lock:
-            self._members[key] = run_id
-            self._save()
+            self._add_member(key, run_id)
+            self._changed()
+        self._save_soon()
 
-    def forget_ended(self, keep: int = 500) -> None:
-        """Drop the oldest ended runs beyond ``keep`` (the event store has them)."""
+    def forget_ended(self, keep: int | None = None, max_age: float | None = None, now: float | None = None) -> int:
+        """Drop the oldest ended runs beyond ``keep``, and those ended more
+        than ``max_age`` seconds ago (the event store has them); how many."""
+        keep = self.keep_ended if keep is None else keep
+        max_age = self.keep_ended_seconds if max_age is None else max_age
+        now = time.time() if now is None else now
         with self._lock:
-            ended = sorted((r for r in self._runs.values() if not r.active), key=lambda r: r.id)
-            for r in ended[:-keep] if keep else ended:
+            pending = set(self._unannounced)
+            ended = sorted((r for r in self._runs.values() if not r.active and r.id not in pending),
+                           key=lambda r: r.id)
+            drop = ended[:-keep] if keep else ended
+            drop += [r for r in ended[len(drop):] if r.ended is not None and now - r.ended > max_age]
+            for r in drop:
                 del self._runs[r.id]
-            self._save()
+            if drop:
+                self._changed()
+        if drop:
+            self._save_soon()
+        return len(drop)
 
     # ------------------------------------------------------------ queries
 
@@ -151,28 +324,34 @@ class RunRegistry:
             return sorted(self._runs.values(), key=lambda r: r.id)
 
     def active(self) -> list[Run]:
-        return [r for r in self.all() if r.active]
+        with self._lock:
+            ids = {i for ids in self._active_of_uid.values() for i in ids}
+            return sorted((self._runs[i] for i in ids), key=lambda r: r.id)
+
+    def active_count(self, uid: int) -> int:
+        with self._lock:
+            return len(self._active_of_uid.get(uid, ()))
 
     def by_pid(self, pid: int) -> Run | None:
         """The active run whose first process has this pid."""
         with self._lock:
-            for r in self._runs.values():
-                if r.active and r.pid == pid:
-                    return r
-        return None
+            rid = self._by_pid.get(pid)
+            return self._runs[rid] if rid is not None else None
 
     def run_of(self, pid: int, starttime: int, cgroup: str | None) -> Run | None:
         """The active run a process belongs to: its first process, anything in
         its cgroup subtree, or a member followed through fork events."""
         with self._lock:
-            for r in self._runs.values():
-                if not r.active:
-                    continue
-                if (pid, starttime) == r.key:
-                    return r
-                if r.cgroup and cgroup and (cgroup == r.cgroup or cgroup.startswith(r.cgroup + "/")):
-                    return r
-            rid = self._members.get((pid, starttime))
+            rid = self._by_key.get((pid, starttime))
+            if rid is None and cgroup:
+                for cg in _ancestors(cgroup):
+                    rid = self._by_cgroup.get(cg)
+                    if rid is not None:
+                        break
+                else:
+                    rid = self._by_cgroup.get("/") if cgroups.normalize(cgroup) == "/" else None
+            if rid is None:
+                rid = self._members.get((pid, starttime))
             run = self._runs.get(rid) if rid is not None else None
             return run if run is not None and run.active else None
 
@@ -180,17 +359,24 @@ class RunRegistry:
         return self.run_of(pid, starttime, cgroup) is not None
 
     def on_fork(self, parent_pid: int, parent_start: int | None, child_pid: int, child_start: int | None) -> None:
-        """Follow runs without a cgroup through their descendants."""
+        """Follow runs without a cgroup through their descendants; a run with
+        a cgroup is followed by the cgroup, at no cost per fork."""
         if parent_start is None or child_start is None:
             return
         with self._lock:
-            rid = None
-            for r in self._runs.values():
-                if r.active and r.key == (parent_pid, parent_start):
-                    rid = r.id
-            rid = rid or self._members.get((parent_pid, parent_start))
-            if rid is not None:
-                self.add_member((child_pid, child_start), rid)
+            rid = self._by_key.get((parent_pid, parent_start))
+            if rid is None:
+                rid = self._members.get((parent_pid, parent_start))
+            run = self._runs.get(rid) if rid is not None else None
+            if run is None or not run.active or run.cgroup:
+                return
+            self._add_member((child_pid, child_start), run.id)
+            self._changed()
+        self._save_soon()
+
+    def members(self, run: Run) -> list[tuple[int, int]]:
+        with self._lock:
+            return sorted(self._members_of.get(run.id, ()))
 
     def alive(self, run: Run) -> bool:
         """Whether anything of the run still runs."""
@@ -198,39 +384,18 @@ class RunRegistry:
             return cgroups.populated(run.cgroup)
         if procfs.running(run.pid, run.starttime):
             return True
-        with self._lock:
-            members = [k for k, rid in self._members.items() if rid == run.id]
-        return any(procfs.running(p, s) for p, s in members)
+        return any(procfs.running(p, s) for p, s in self.members(run))
 
     def pids(self, run: Run) -> list[int]:
         """Live processes of the run."""
         if run.cgroup and cgroups.exists(run.cgroup):
             return cgroups.procs_recursive(run.cgroup)
         out = [run.pid] if procfs.running(run.pid, run.starttime) else []
-        with self._lock:
-            members = [k for k, rid in self._members.items() if rid == run.id]
-        out += [p for p, s in members if procfs.running(p, s)]
+        out += [p for p, s in self.members(run) if procfs.running(p, s)]
         return out
 
     def reap(self) -> list[Run]:
-        """End the runs of which nothing is left; returns the runs ended now.
-        The cgroup's memory.peak is read before the cgroup is removed."""
-        ended = []
-        for run in self.active():
-            if self.alive(run):
-                continue
-            peak = cgroups.memory_peak(run.cgroup) if run.cgroup else None
-            if run.cgroup:
-                cgroups.remove(run.cgroup)
-            done = self.update(
-                run.id,
-                ended=time.time(),
-                peak_memory=peak if peak is not None else run.peak_memory,
-                end_reason=run.end_reason or "exited",
-            )
-            with self._lock:
-                for k in [k for k, rid in self._members.items() if rid == run.id]:
-                    del self._members[k]
-            if done:
-                ended.append(done)
-        return ended
+        """End the runs of which nothing is left (see lifecycle.RunLifecycle.reap)."""
+        from oomguard.runs.lifecycle import RunLifecycle  # the lifecycle builds on this module
+
+        return RunLifecycle(self).reap()

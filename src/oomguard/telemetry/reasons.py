@@ -10,6 +10,8 @@ class RefusalReason(StrEnum):
     GONE = "gone"  # the asking process exited (or its pid was reused)
     IDENTITY = "identity"  # credentials changed between connect and grant
     BUSY = "busy"  # per-user or global connection cap reached
+    LIMIT = "limit"  # the user already has as many active runs as allowed
+    NESTED = "nested"  # the asking process is already inside another active run
     INVALID = "invalid"  # malformed request
     ERROR = "error"  # the broker could not carry out the grant
     REFUSED = "refused"  # any other refusal of a query
