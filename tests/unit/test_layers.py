@@ -111,10 +111,6 @@ def violations(root: Path) -> list[str]:
 KNOWN = {
     "broker/server.py:30: imports pwd, which only host/ may use",
     "broker/server.py:165: runs or names 'busctl', which only host/ may use",
-    "cli/setup.py:17: imports pwd, which only host/ may use",
-    "cli/setup.py:298: runs or names 'systemctl', which only host/ may use",
-    "cli/setup.py:299: runs or names 'systemctl', which only host/ may use",
-    "forensics/ranking.py:38: imports pwd, which only host/ may use",
     "healer/kill.py:475: imports pwd, which only host/ may use",
     "policy/enforcer.py:16: imports pwd, which only host/ may use",
     "policy/rules.py:27: imports pwd, which only host/ may use",
