@@ -75,39 +75,10 @@ def test_oom_score_adj_written_and_read_back(child):
     assert procfs.read_oom_score(p.pid) >= 700 * 2 // 3
 
 
-def test_the_oom_ranking_readers_see_the_child_as_the_kernel_does(child):
-    p, exe = child
-    procfs.write_oom_score_adj(300, p.pid)
-    s = procfs.read_oom_sample(p.pid)
-    assert s is not None
-    assert (s.pid, s.comm, s.kthread, s.uid, s.oom_score_adj) == (p.pid, exe.name, False, 65534, 300)
-    assert s.starttime == procfs.read_stat(p.pid).starttime and s.rss_pages > 0
-    assert s.oom_score == procfs.read_oom_score(p.pid)
-    o = procfs.read_oom_status(p.pid)
-    assert (o.name, o.euid, o.ppid) == (exe.name, 65534, os.getpid())
-    assert o.rss_kb > 0 and o.swap_kb is not None and o.pte_kb is not None
-
-
-def test_a_root_owned_proc_dir_is_seen_through_to_the_real_uid():
-    # This test process is root's: the sample reads status for the uid.
-    s = procfs.read_oom_sample(os.getpid())
-    assert s is not None and s.uid == os.geteuid() == procfs.read_status().uids[1]
-
-
-def test_kernel_threads_have_no_mm_and_are_left_out_unless_asked():
-    kthreadd = 2
-    assert procfs.read_oom_sample(kthreadd) is None
-    s = procfs.read_oom_sample(kthreadd, kernel_threads=True)
-    assert s is not None and s.kthread and s.rss_pages == 0
-    o = procfs.read_oom_status(kthreadd)
-    assert o.swap_kb is None and o.pte_kb is None
-
-
 def test_a_gone_process_raises_the_one_error(child):
     p, _ = child
     pid = _gone(p)
-    for read in (procfs.read_stat, procfs.read_status, procfs.read_oom_score_adj, procfs.read_oom_status,
-                 procfs.read_oom_sample, procfs.read_cgroup):
+    for read in (procfs.read_stat, procfs.read_status, procfs.read_oom_score_adj, procfs.read_cgroup):
         with pytest.raises(NoSuchProcess) as e:
             read(pid)
         assert isinstance(e.value, ProcessLookupError) and isinstance(e.value, FileNotFoundError)
@@ -143,7 +114,6 @@ def test_running_is_false_for_a_zombie_and_a_reused_identity(child):
 
 
 def test_system_files():
-    assert procfs.swappiness() == int(Path("/proc/sys/vm/swappiness").read_text())
     mi = procfs.meminfo()
     assert mi["MemTotal"] > mi.get("MemAvailable", 0) > 0
     assert procfs.boot_time() < time.time() and procfs.since_boot() > 0

@@ -28,8 +28,8 @@ global ranking reads stat, oom_score and oom_score_adj, plus status only for
 processes whose /proc directory is owned by root, because the kernel shows a
 non-dumpable process (a php-fpm or nginx worker after setuid) as root there.
 The cgroup ranking reads status and oom_score_adj of the subtree's
-processes only. The readers are the host layer's (procfs.read_oom_sample,
-procfs.read_oom_status, cgroups.swap_max); this module only does the
+processes only. The readers are the host layer's (oomstat.read_oom_sample,
+oomstat.read_oom_status, cgroups.swap_max); this module only does the
 kernel's arithmetic and the ordering.
 """
 
@@ -38,8 +38,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from oomguard.host import cgroups, procfs
-from oomguard.host.procfs import PF_KTHREAD as PF_KTHREAD  # re-exported for tests
+from oomguard.host import cgroups, oomstat, procfs
+from oomguard.host.oomstat import PF_KTHREAD as PF_KTHREAD  # re-exported for tests
 from oomguard.host.users import UserNames
 
 OOM_SCORE_ADJ_MIN = -1000
@@ -113,7 +113,7 @@ def cgroup_total_pages(cgroup: str, page_size: int | None = None) -> int:
         return total_pages(ps)
     pages = limit // ps
     swap_total = procfs.meminfo().get("SwapTotal", 0) // ps
-    if swap_total and procfs.swappiness():
+    if swap_total and oomstat.swappiness():
         swap_max = cgroups.swap_max(cgroup)
         pages += swap_total if swap_max is None else min(swap_max // ps, swap_total)
     return pages or 1
@@ -160,7 +160,7 @@ def rank_global(include_kernel_threads: bool = False) -> Ranking:
     users = UserNames()
     entries: list[Entry] = []
     append = entries.append
-    sample = procfs.read_oom_sample
+    sample = oomstat.read_oom_sample
     for pid in procfs.list_pids():
         try:
             p = sample(pid, include_kernel_threads)
@@ -192,7 +192,7 @@ def rank_cgroup(cgroup: str) -> Ranking:
     # order the kernel iterates; the position breaks ties like the kernel.
     for order, pid in enumerate(cgroups.procs_recursive(cg)):
         try:
-            name, euid, rss, swap, pte, _ppid = procfs.read_oom_status(pid)
+            name, euid, rss, swap, pte, _ppid = oomstat.read_oom_status(pid)
             adj = procfs.read_oom_score_adj(pid)
         except _SKIP:
             continue
