@@ -62,6 +62,20 @@ def test_a_glob_over_root_only_directories_and_exact_paths_are_accepted():
     assert c.privileged and c.exe == ("/usr/sbin/php-fpm*", "/opt/shop/bin/mariadbd")
 
 
+def test_a_glob_through_a_symlink_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(trusted_paths, "_ancestors", lambda d: [d])
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ConfigError, match=f"directory {tmp_path}/link is a symlink; name the directory"):
+        privileged([f"{tmp_path}/link/*"])
+
+
+def test_a_glob_under_a_directory_not_made_yet_is_judged_by_its_ancestors(tmp_path):
+    assert privileged(["/usr/sbin/not-installed-yet/*"]).exe == ("/usr/sbin/not-installed-yet/*",)
+    with pytest.raises(ConfigError, match="directory /tmp is writable by other users"):
+        privileged(["/tmp/not-made-yet/bin/*"])
+
+
 def test_an_unprivileged_class_may_name_any_absolute_path():
     assert cls(oom_score_adj=500, exe=["/tmp/*"]).exe == ("/tmp/*",)
 

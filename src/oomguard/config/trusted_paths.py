@@ -11,6 +11,7 @@ match '/') every directory below it that the glob can reach.
 from __future__ import annotations
 
 import os
+import stat
 
 from oomguard.config.values import GLOB_MAGIC, ConfigError
 
@@ -27,6 +28,9 @@ def _unsafe(path: str) -> str | None:
         return None  # absent: only whoever may write its parent can make it
     except OSError as e:
         return f"cannot be checked ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        # The kernel resolves /proc/PID/exe: no exe path runs through a link.
+        return "is a symlink; name the directory it points to"
     if st.st_uid != 0:
         return f"is owned by uid {st.st_uid}, not root"
     if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
@@ -61,8 +65,13 @@ def check_privileged_exe(glob: str, key: str) -> None:
 
 
 def _check_below(top: str, glob: str, key: str) -> None:
+    def unreadable(e: OSError) -> None:
+        if isinstance(e, FileNotFoundError):
+            return  # absent, or gone while we walked: nothing to place a binary in
+        raise ConfigError(f"{key}: {glob!r} is privileged, but {e.filename} cannot be checked ({e.strerror})")
+
     seen = 0
-    for root, dirs, _files in os.walk(top, onerror=None, followlinks=False):
+    for root, dirs, _files in os.walk(top, onerror=unreadable, followlinks=False):
         for name in dirs:
             seen += 1
             if seen > MAX_DIRS:
