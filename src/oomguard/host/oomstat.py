@@ -8,7 +8,6 @@ when the process is gone.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from oomguard.host import procfs
@@ -71,9 +70,9 @@ def read_oom_status(pid: int | str) -> OomStatus:
     return parse_oom_status(_read_small(f"{procfs.PROC}/{pid}/status", pid))
 
 
-@dataclass(frozen=True, slots=True)
-class OomSample:
-    """One process as a global OOM ranks it."""
+class OomSample(NamedTuple):
+    """One process as a global OOM ranks it (a tuple: thousands are made per
+    ranking, and a frozen dataclass costs several times more to build)."""
 
     pid: int
     comm: str
