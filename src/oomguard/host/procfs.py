@@ -391,4 +391,3 @@ def has_cap_sys_resource() -> bool:
     except OSError:
         pass
     return False
-
