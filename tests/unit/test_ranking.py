@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from oomguard.forensics import ranking
-from oomguard.host import cgroups, procfs
+from oomguard.host import cgroups, oomstat, procfs
 
 KB = 1024
 
@@ -116,7 +116,7 @@ def _kernel_view(pid: int) -> tuple[int, int]:
         kernel = int(Path(base + "oom_score").read_text())
         if Path(base + "status").read_bytes() == status:
             break
-    _name, _euid, rss, swap, pte, _ppid = ranking._status_fields(status)
+    _name, _euid, rss, swap, pte, _ppid = oomstat.parse_oom_status(status)
     adj = int(Path(base + "oom_score_adj").read_text())
     total = ranking.total_pages()
     kb = procfs.PAGE_SIZE // 1024

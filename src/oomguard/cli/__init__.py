@@ -278,10 +278,26 @@ def _socket(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------- parser
 
 
+def _global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("--version", action="version", version=f"oomguard {__version__}")
+    p.add_argument("--config", metavar="PATH", default=default,
+                   help=f"config file (default {config.DEFAULT_PATH})")  # fmt: skip
+
+
+def _globals_after_commands(p: argparse.ArgumentParser) -> None:
+    """Accept the global options after any (sub)command too: `oomguard daemon
+    --config FILE` is how people write it. SUPPRESS as the default leaves the
+    value given before the command in place when none comes after."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _global_options(sub, argparse.SUPPRESS)
+                _globals_after_commands(sub)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oomguard", description="Tame the Linux OOM killer.")
-    p.add_argument("--version", action="version", version=f"oomguard {__version__}")
-    p.add_argument("--config", metavar="PATH", help=f"config file (default {config.DEFAULT_PATH})")
+    _global_options(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("daemon", help="run the root daemon in the foreground")
@@ -340,6 +356,7 @@ def parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="validate a config file")
     c.add_argument("path", nargs="?")
     c.set_defaults(func=cmd_config_check)
+    _globals_after_commands(p)
     return p
 
 

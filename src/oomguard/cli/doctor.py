@@ -44,17 +44,13 @@ def cgroup_checks() -> list[Finding]:
     else:
         out.append(Finding("ok", "cgroups", "cgroup v2 with the memory controller"))
     swap_total = procfs.meminfo().get("SwapTotal", 0)
-    accounting = any(
-        (cgroups.path(d.name) / "memory.swap.max").exists() for d in cgroups.ROOT.iterdir() if d.is_dir()
-    )
+    accounting = cgroups.kernel_offers("memory.swap.max")
     if swap_total and not accounting:
         out.append(Finding("warn", "swap", "swap is on but not accounted per cgroup (boot with "
                            "swapaccount=1): the app slice can push its memory into swap unbounded"))  # fmt: skip
     elif swap_total:
         out.append(Finding("ok", "swap", "swap is accounted per cgroup"))
-    if not (cgroups.ROOT / "cgroup.kill").exists() and not any(
-        (d / "cgroup.kill").exists() for d in cgroups.ROOT.iterdir() if d.is_dir()
-    ):
+    if not cgroups.kernel_offers("cgroup.kill"):
         out.append(Finding("warn", "cgroups", "no cgroup.kill (kernel < 5.14): runs are killed pid by pid"))
     return out
 

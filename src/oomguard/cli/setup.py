@@ -14,18 +14,16 @@ then moves the app user's new processes into it at birth
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
-import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TextIO
 
 from oomguard.config import Config, PolicyClass
-from oomguard.host import cgroups, procfs
+from oomguard.host import cgroups, procfs, users
+from oomguard.host.systemd import Runner, daemon_reload, enable_now
 
 UNIT_DIR = "/etc/systemd/system"
 DROPIN_NAME = "oomguard.conf"
@@ -230,10 +228,7 @@ def ram_bytes() -> int:
 
 
 def app_uid_of(config: Config) -> int | None:
-    try:
-        return pwd.getpwnam(config.layout.app_user).pw_uid
-    except KeyError:
-        return None
+    return users.uid_of(config.layout.app_user)
 
 
 def default_exec() -> str:
@@ -254,7 +249,7 @@ def apply_layout(
     ram: int | None = None,
     app_uid: int | None = AUTO,
     exec_start: str | None = None,
-    run: Callable[[list[str]], object] | None = None,
+    run: Runner | None = None,
     out: TextIO | None = None,
 ) -> dict[str, str] | list[Step]:
     """Do (or with dry_run, print) the layout; returns what it rendered.
@@ -294,9 +289,8 @@ def apply_layout(
     for p in written:
         out.write(f"wrote {p}\n")
     if root is None:
-        runner = run or (lambda argv: subprocess.run(argv, check=True))
-        runner(["systemctl", "daemon-reload"])
-        runner(["systemctl", "enable", "--now", "oomguard.service"])
+        daemon_reload(run)
+        enable_now("oomguard.service", run)
         out.write(
             "restart " + " ".join(config.layout.services)
             + " when convenient to move them into " + config.layout.app_slice + "\n"

@@ -13,7 +13,6 @@ once: a name that enters the top N starts a new series at its next kill
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import re
@@ -30,7 +29,7 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 from oomguard import __version__
-from oomguard.config import ConfigError
+from oomguard.config import parse_listen  # the one check, shared with `config check`
 
 log = logging.getLogger(__name__)
 
@@ -255,33 +254,6 @@ class Metrics:
         metrics name processes and users, and the exporter has no auth."""
         host, port = parse_listen(listen)
         return MetricsServer(self.registry, host, port)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """(host, port) for a loopback listen address; ConfigError otherwise."""
-    key = "metrics.listen"
-    host, sep, port_s = listen.rpartition(":")
-    if not sep or not port_s.isdigit() or not 0 <= int(port_s) < 65536:
-        raise ConfigError(f"{key}: expected host:port, got {listen!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise ConfigError(f"{key}: {listen!r} has no host; use 127.0.0.1:{port_s}")
-    try:
-        addrs = {ipaddress.ip_address(host)}
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except socket.gaierror as e:
-            raise ConfigError(f"{key}: cannot resolve {host!r}: {e.strerror}") from None
-        addrs = {ipaddress.ip_address(info[4][0]) for info in infos}
-    bad = sorted(str(a) for a in addrs if not a.is_loopback)
-    if bad or not addrs:
-        raise ConfigError(
-            f"{key}: {host} is not a loopback address ({', '.join(bad)}); oomguard serves metrics on "
-            "loopback only -- scrape through a reverse proxy or an SSH tunnel"
-        )
-    return host, int(port_s)
 
 
 class MetricsServer:

@@ -28,22 +28,23 @@ global ranking reads stat, oom_score and oom_score_adj, plus status only for
 processes whose /proc directory is owned by root, because the kernel shows a
 non-dumpable process (a php-fpm or nginx worker after setuid) as root there.
 The cgroup ranking reads status and oom_score_adj of the subtree's
-processes only. Readers here are private and minimal on purpose (see the
-module's note on primitives for procfs.py).
+processes only. The readers are the host layer's (oomstat.read_oom_sample,
+oomstat.read_oom_status, cgroups.swap_max); this module only does the
+kernel's arithmetic and the ordering.
 """
 
 from __future__ import annotations
 
-import os
-import pwd
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from oomguard.host import cgroups, procfs
+from oomguard.host import cgroups, oomstat, procfs
+from oomguard.host.oomstat import PF_KTHREAD as PF_KTHREAD  # re-exported for tests
+from oomguard.host.users import UserNames
 
-PF_KTHREAD = 0x00200000
 OOM_SCORE_ADJ_MIN = -1000
-_O_RDONLY = os.O_RDONLY | os.O_CLOEXEC
+# Garbage in a /proc file of a process that is going away, or unreadable.
+_SKIP = (procfs.NoSuchProcess, PermissionError, ValueError, IndexError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,75 +88,6 @@ class Ranking:
         }
 
 
-# ---------------------------------------------------------------- private readers
-# Candidates for procfs.py / cgroups.py: status fields beyond procfs.Status
-# (VmSwap, VmPTE, effective uid), memory.swap.max, vm.swappiness.
-
-
-def _read(path: str) -> bytes:
-    fd = os.open(path, _O_RDONLY)
-    try:
-        return os.read(fd, 8192)
-    finally:
-        os.close(fd)
-
-
-def _status_fields(data: bytes) -> tuple[str, int, int, int | None, int | None, int]:
-    """(name, euid, VmRSS kB, VmSwap kB, VmPTE kB, PPid) from /proc/<pid>/status.
-    Vm* lines are missing for kernel threads and zombies (no mm)."""
-    name = ""
-    euid = -1
-    rss = 0
-    swap = pte = None
-    ppid = 0
-    for line in data.split(b"\n"):
-        c = line[:3]
-        if c == b"Nam":
-            name = line[6:].decode("utf-8", "replace")
-        elif c == b"Uid":
-            euid = int(line.split()[2])
-        elif c == b"PPi":
-            ppid = int(line[5:])
-        elif c == b"VmR":
-            rss = int(line[6:].split()[0])
-        elif c == b"VmP" and line.startswith(b"VmPTE"):
-            pte = int(line[6:].split()[0])
-        elif c == b"VmS" and line.startswith(b"VmSwap"):
-            swap = int(line[7:].split()[0])
-    return name, euid, rss, swap, pte, ppid
-
-
-def _swap_max_pages(cgroup: str, page_size: int) -> int | None:
-    """memory.swap.max in pages; None for "max" or no such file."""
-    try:
-        text = (cgroups.path(cgroup) / "memory.swap.max").read_text().strip()
-    except OSError:
-        return None
-    return None if text == "max" else int(text) // page_size
-
-
-def _swappiness() -> int:
-    try:
-        return int(_read(f"{procfs.PROC}/sys/vm/swappiness"))
-    except (OSError, ValueError):
-        return 60
-
-
-class _Users:
-    def __init__(self) -> None:
-        self.names: dict[int, str] = {}
-
-    def __call__(self, uid: int) -> str:
-        name = self.names.get(uid)
-        if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = str(uid)
-            self.names[uid] = name
-        return name
-
-
 # ---------------------------------------------------------------- totals
 
 
@@ -181,9 +113,9 @@ def cgroup_total_pages(cgroup: str, page_size: int | None = None) -> int:
         return total_pages(ps)
     pages = limit // ps
     swap_total = procfs.meminfo().get("SwapTotal", 0) // ps
-    if swap_total and _swappiness():
-        swap_max = _swap_max_pages(cgroup, ps)
-        pages += swap_total if swap_max is None else min(swap_max, swap_total)
+    if swap_total and oomstat.swappiness():
+        swap_max = cgroups.swap_max(cgroup)
+        pages += swap_total if swap_max is None else min(swap_max // ps, swap_total)
     return pages or 1
 
 
@@ -225,50 +157,22 @@ def rank_global(include_kernel_threads: bool = False) -> Ranking:
     ps = procfs.PAGE_SIZE
     totalpages = total_pages(ps)
     per_adj = totalpages // 1000
-    users = _Users()
-    proc = procfs.PROC
+    users = UserNames()
     entries: list[Entry] = []
     append = entries.append
-    open_, read, close, stat = os.open, os.read, os.close, os.stat
-    for name in os.listdir(proc):
-        if not name.isdigit():
-            continue
-        base = f"{proc}/{name}/"
+    sample = oomstat.read_oom_sample
+    for pid in procfs.list_pids():
         try:
-            fd = open_(base + "stat", _O_RDONLY)
-            try:
-                data = read(fd, 4096)
-            finally:
-                close(fd)
-            head, _, tail = data.rpartition(b")")
-            f = tail.split()
-            flags = int(f[6])
-            pid = int(name)
-            if flags & PF_KTHREAD and not include_kernel_threads:
-                continue
-            fd = open_(base + "oom_score", _O_RDONLY)
-            try:
-                score = int(read(fd, 32))
-            finally:
-                close(fd)
-            fd = open_(base + "oom_score_adj", _O_RDONLY)
-            try:
-                adj = int(read(fd, 32))
-            finally:
-                close(fd)
-            uid = stat(base).st_uid
-            if uid == 0:
-                # Root-owned can mean non-dumpable; status has the truth.
-                uid = _status_fields(_read(base + "status"))[1]
-        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+            p = sample(pid, include_kernel_threads)
+        except _SKIP:
             continue  # gone meanwhile, or unreadable
-        comm = head.partition(b" (")[2].decode("utf-8", "replace")
-        rss_pages = int(f[21])
-        kthread = bool(flags & PF_KTHREAD)
-        killable = not kthread and pid != 1 and adj > OOM_SCORE_ADJ_MIN
-        append(Entry(pid, uid, users(uid), comm, adj, rss_pages * ps // 1024, score,
-                     rss_pages + adj * per_adj if killable else None, killable,
-                     None, int(f[19])))
+        if p is None:
+            continue
+        adj = p.oom_score_adj
+        killable = not p.kthread and pid != 1 and adj > OOM_SCORE_ADJ_MIN
+        append(Entry(pid, p.uid, users(p.uid), p.comm, adj, p.rss_pages * ps // 1024, p.oom_score,
+                     p.rss_pages + adj * per_adj if killable else None, killable,
+                     None, p.starttime))
     ranked = _sort(entries, key=lambda e: (e.oom_score, e.points, e.starttime))
     return Ranking(ranked, None, totalpages, ps)
 
@@ -282,17 +186,15 @@ def rank_cgroup(cgroup: str) -> Ranking:
     ps = procfs.PAGE_SIZE
     kb_per_page = ps // 1024
     totalpages = cgroup_total_pages(cg, ps)
-    users = _Users()
-    proc = procfs.PROC
+    users = UserNames()
     entries: list[Entry] = []
     # cgroups.procs_recursive walks parent first, each cgroup.procs in the
     # order the kernel iterates; the position breaks ties like the kernel.
     for order, pid in enumerate(cgroups.procs_recursive(cg)):
-        base = f"{proc}/{pid}/"
         try:
-            name, euid, rss, swap, pte, _ppid = _status_fields(_read(base + "status"))
-            adj = int(_read(base + "oom_score_adj"))
-        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+            name, euid, rss, swap, pte, _ppid = oomstat.read_oom_status(pid)
+            adj = procfs.read_oom_score_adj(pid)
+        except _SKIP:
             continue
         if swap is None and pte is None:
             continue  # no mm: a kernel thread or a zombie, never a candidate

@@ -279,3 +279,28 @@ def _owned_by_a_user(path: Path) -> bool:
         return os.stat(path, follow_symlinks=False).st_uid != 0
     except FileNotFoundError:
         return False  # gone (or not on this host): no evidence of delegation
+
+
+def swap_max(cgroup: str) -> int | None:
+    """memory.swap.max in bytes; None for "max" or no such file."""
+    try:
+        return _int_or_max(_read(cgroup, "memory.swap.max"))
+    except (OSError, ValueError):
+        return None
+
+
+def children(cgroup: str = "/") -> list[str]:
+    """The direct child cgroups, as cgroup paths."""
+    base = path(cgroup)
+    try:
+        names = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+    return [join(cgroup, n) for n in names]
+
+
+def kernel_offers(name: str) -> bool:
+    """Whether the kernel has the interface file ``name`` (cgroup.kill,
+    memory.swap.max, ...): at the root or in a child of it, since some exist
+    only below the root."""
+    return (path("/") / name).exists() or any((path(c) / name).exists() for c in children("/"))

@@ -23,6 +23,7 @@ from oomguard.host import procfs
 
 log = logging.getLogger(__name__)
 
+DEVICE = "/dev/kmsg"  # the kernel log, one record per read
 LOG_KERN = 0  # syslog facility of kernel messages; userspace cannot log as LOG_KERN
 RECORD_MAX = 16384  # larger than the kernel's per-record maximum (8 KiB)
 
@@ -110,7 +111,7 @@ class KmsgFollower:
 
     def __init__(
         self,
-        path: str = "/dev/kmsg",
+        path: str = DEVICE,
         on_record: Callable[[KmsgRecord], None] | None = None,
         start_after_seq: int | None = None,
         boot_id: str | None = None,
@@ -222,7 +223,7 @@ class KmsgFollower:
             self.last_seq = rec.seq
 
 
-def read_ring(path: str = "/dev/kmsg") -> list[KmsgRecord]:
+def read_ring(path: str = DEVICE) -> list[KmsgRecord]:
     """Every record now in the ring (for one-shot tools and the capture script)."""
     out: list[KmsgRecord] = []
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
