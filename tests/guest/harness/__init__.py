@@ -4,9 +4,13 @@
     initramfs.py  build_initramfs(): busybox + 9p/overlay modules + init.sh (newc cpio)
     init.sh       the guest's PID 1: assembles the root, runs the command, powers off
     vm.py         run_guest(): boots QEMU, runs one command as root, returns its status
-    __main__.py   python3 -m tests.guest.harness [--mem MiB] [--timeout S] -- CMD ARGS...
+    systemd.py    the systemd flavour (run_guest(flavour="systemd")): systemd as PID 1,
+                  the command as oomguard-test.service in oomguard-test.target
+    bridge.py     pytest across the boundary: one boot runs a directory's selected tests
+    __main__.py   python3 -m tests.guest.harness [--mem MiB] [--timeout S] [--systemd] -- CMD ARGS...
 
-tests/guest/conftest.py runs the pytest tests under tests/guest/ in one guest.
+tests/guest/conftest.py runs the pytest tests under tests/guest/ in one plain
+guest; tests/systemd/conftest.py those under tests/systemd/ in one systemd guest.
 """
 
 from .initramfs import build_initramfs

@@ -1,7 +1,7 @@
 """Run one command as root in a throw-away guest.
 
     python3 -m tests.guest.harness [--mem MiB] [--timeout S] [--cpus N]
-        [--results DIR] [--writable PATH]... [--env K=V]... -- CMD ARGS...
+        [--results DIR] [--writable PATH]... [--env K=V]... [--systemd] -- CMD ARGS...
     python3 -m tests.guest.harness --fetch-kernel   # fetch/refresh the kernel, build the initramfs
 
 Exits with CMD's exit status, or 125 if the guest itself failed.
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         "--env", action="append", default=[], metavar="K=V", help="extra environment variable"
     )
     parser.add_argument(
+        "--systemd", action="store_true", help="boot systemd as PID 1, run CMD as a unit"
+    )
+    parser.add_argument(
         "--fetch-kernel", action="store_true", help="fetch/refresh the guest kernel and exit"
     )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stdout,
             cwd=args.cwd,
             writable=args.writable,
+            flavour="systemd" if args.systemd else "plain",
         )
     except GuestError as exc:
         print(f"\noomguard guest failed: {exc}", file=sys.stderr)

@@ -5,7 +5,8 @@
 # tmpfs-backed overlays where things must be writable, then chroots into it to
 # run /results/.guest/cmd.sh (written by vm.py), stores the exit status in
 # /results/rc and powers off.  Lines starting with "OOMGUARD-GUEST" are read by
-# the host side (vm.py); keep their wording in sync.
+# the host side (vm.py); keep their wording in sync.  In the systemd flavour
+# (harness/systemd.py) it hands over to systemd instead of chrooting.
 
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/ TERM=dumb
@@ -94,6 +95,19 @@ NAME=$(cat $C/hostname 2>/dev/null || echo oomguard-guest)
 hostname "$NAME"
 echo "$NAME" >$R/etc/hostname
 printf '127.0.1.1\t%s\n' "$NAME" >>$R/etc/hosts
+
+# systemd flavour (harness/systemd.py): systemd becomes PID 1 and runs the
+# command as a unit, which reports and powers off like the code below.
+S=$C/systemd
+if [ -f $S/init ]; then
+    cp -R $S/system/. $R/etc/systemd/system/ || die "cannot install the test units"
+    for m in $(cat $S/masked); do
+        mkdir -p "$(dirname "$R/etc/systemd/$m")" && ln -sf /dev/null "$R/etc/systemd/$m"
+    done
+    echo "OOMGUARD-GUEST: handing over to systemd after $(cut -d' ' -f1 /proc/uptime) s of guest uptime"
+    exec switch_root $R $(cat $S/init)
+    die "switch_root to systemd failed"
+fi
 
 echo "OOMGUARD-GUEST: ready after $(cut -d' ' -f1 /proc/uptime) s of guest uptime, running the command"
 chroot $R /bin/sh /results/.guest/cmd.sh </dev/null

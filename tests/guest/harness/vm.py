@@ -20,6 +20,7 @@ from typing import TextIO
 
 from .initramfs import build_initramfs
 from .kernel import INSTALL_HINT, KernelError, ensure_kernel
+from .systemd import write_boot_files
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 GUEST_RESULTS = "/results"
@@ -29,6 +30,8 @@ QBOOT = Path("/usr/share/qemu/qboot.rom")  # minimal firmware: ~0.2 s faster tha
 READY = "OOMGUARD-GUEST: ready"
 DONE = "OOMGUARD-GUEST: command exited"
 ERROR = "OOMGUARD-GUEST-ERROR:"
+
+FLAVOURS = ("plain", "systemd")
 
 #: Exit status used by __main__ (and meaningful to callers) when the guest failed.
 GUEST_FAILURE = 125
@@ -206,6 +209,7 @@ def run_guest(
     writable: list[str] | tuple[str, ...] = (),
     readonly: list[str] | tuple[str, ...] = (REPO_ROOT,),
     hostname: str = "oomguard-guest",
+    flavour: str = "plain",
 ) -> GuestResult:
     """Boot a fresh guest, run ``argv`` as root in it and return its exit status.
 
@@ -217,7 +221,13 @@ def run_guest(
     (default: a new temp dir) is mounted read-write at /results in the guest;
     the console is saved there as ``console.log``.  Raises GuestError if the
     guest does not report an exit status within ``timeout`` seconds.
+
+    ``flavour="systemd"`` boots systemd as PID 1 into oomguard-test.target
+    and runs ``argv`` as oomguard-test.service (see harness/systemd.py); the
+    result means the same.
     """
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, not {flavour!r}")
     if not argv:
         raise ValueError("argv must not be empty")
     if not shutil.which(QEMU):
@@ -240,6 +250,9 @@ def run_guest(
     for name, paths in (("readonly", readonly), ("writable", writable)):
         (control / name).write_text("".join(f"{Path(d).resolve()}\n" for d in paths))
     (control / "hostname").write_text(hostname + "\n")
+    shutil.rmtree(control / "systemd", ignore_errors=True)  # a reused results dir
+    if flavour == "systemd":
+        write_boot_files(control)
 
     cmd = qemu_argv(vmlinux, initrd, results_dir, memory_mib=memory_mib, cpus=cpus)
     (control / "qemu.argv").write_text(shlex.join(cmd) + "\n")

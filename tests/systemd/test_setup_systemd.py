@@ -1,0 +1,123 @@
+"""`oomguard setup` under a real systemd: units, daemon-reload, the daemon, the shop's units.
+
+One module-scoped installation (setup + the three Debian units started) is
+shared by the tests in order; the finalizer stops everything and removes
+what setup wrote, so later test modules see the boot's original state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from systemd_tools import (
+    UNIT_DIR,
+    cgroup_of,
+    main_pid,
+    oom_score_adj,
+    oomguard,
+    setup_installed,
+    systemctl,
+    unit_property,
+    wait_until,
+)
+
+SERVICES = ("nginx.service", "php8.2-fpm.service", "mariadb.service")
+APP_SLICE = "oomguard-app.slice"
+APP_CGROUP = "/oomguard.slice/oomguard-app.slice"  # dashes nest in slice names
+# OOMScoreAdjust= of each service's main process: the default policy's classes
+MAIN_VALUES = {"nginx.service": -800, "php8.2-fpm.service": -900, "mariadb.service": -1000}
+# what the running daemon writes on the workers (default policy)
+WORKER_VALUES = {"nginx.service": 0, "php8.2-fpm.service": 200}
+
+
+def written_paths(output: str) -> list[Path]:
+    return [
+        Path(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith("wrote ")
+    ]
+
+
+def contents(paths: list[Path]) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in paths}
+
+
+@pytest.fixture(scope="module")
+def installed():
+    """`oomguard setup`, then the shop's units started (they take the new slice at start)."""
+    with setup_installed(*SERVICES) as result:
+        yield result
+
+
+def test_setup_writes_the_slice_the_dropins_and_the_daemon_unit(installed):
+    wrote = set(written_paths(installed.stdout))
+    expected = {
+        UNIT_DIR / APP_SLICE,
+        UNIT_DIR / "oomguard.service",
+        UNIT_DIR / "system.slice.d/oomguard.conf",
+        *(UNIT_DIR / f"{s}.d/oomguard.conf" for s in SERVICES),
+    }
+    assert expected <= wrote, installed.stdout
+    for path in expected:
+        assert path.read_text().startswith("# Written by `oomguard setup`"), path
+
+
+def test_systemd_loaded_the_units_after_daemon_reload(installed):
+    assert unit_property("oomguard.service", "NeedDaemonReload") == "no"
+    for service in SERVICES:
+        assert unit_property(service, "Slice") == APP_SLICE, service
+        assert unit_property(service, "DropInPaths") == str(UNIT_DIR / f"{service}.d/oomguard.conf")
+    assert unit_property(APP_SLICE, "ControlGroup") == APP_CGROUP
+    limit = int(unit_property(APP_SLICE, "MemoryMax"))
+    ram = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    assert limit == ram - (512 << 20)
+
+
+def test_the_daemon_is_enabled_and_active_outside_the_app_slice_at_minus_1000(installed):
+    assert systemctl("is-enabled", "oomguard.service").stdout.strip() == "enabled"
+    wait_until(
+        lambda: unit_property("oomguard.service", "ActiveState") == "active", "oomguard.service"
+    )
+    pid = main_pid("oomguard.service")
+    assert cgroup_of(pid) == "/system.slice/oomguard.service"
+    assert oom_score_adj(pid) == -1000
+    limit = Path("/sys/fs/cgroup/system.slice/oomguard.service/memory.min").read_text()
+    assert int(limit) == 64 << 20
+    wait_until(lambda: os.path.exists("/run/oomguard/protect.sock"), "the broker socket")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_shops_units_run_in_the_app_slice_with_their_policy_value(installed, service):
+    assert unit_property(service, "ActiveState") == "active"
+    pid = main_pid(service)
+    assert cgroup_of(pid) == f"{APP_CGROUP}/{service}"
+    assert oom_score_adj(pid) == MAIN_VALUES[service]
+    memory_max = Path(f"/sys/fs/cgroup{APP_CGROUP}/memory.max").read_text().strip()
+    assert memory_max == unit_property(APP_SLICE, "MemoryMax")
+
+
+@pytest.mark.parametrize("service", sorted(WORKER_VALUES))
+def test_the_daemon_gives_the_workers_their_class_value(installed, service):
+    cgroup = Path(f"/sys/fs/cgroup{APP_CGROUP}/{service}/cgroup.procs")
+
+    def workers_done() -> bool:
+        try:
+            workers = [int(p) for p in cgroup.read_text().split() if int(p) != main_pid(service)]
+            return bool(workers) and all(
+                oom_score_adj(p) == WORKER_VALUES[service] for p in workers
+            )
+        except (ProcessLookupError, FileNotFoundError):  # a worker replaced meanwhile
+            return False
+
+    wait_until(workers_done, f"{service}'s workers at {WORKER_VALUES[service]}", timeout=60)
+
+
+def test_rerunning_setup_leaves_the_files_and_the_running_services_as_they_were(installed):
+    # (that it also says so, and does not rewrite the files, is cli/setup.py's to add)
+    paths = written_paths(installed.stdout)
+    before = contents(paths), {u: main_pid(u) for u in ("oomguard.service", *SERVICES)}
+    again = oomguard("setup")
+    assert set(written_paths(again.stdout)) == set(paths)
+    after = contents(paths), {u: main_pid(u) for u in ("oomguard.service", *SERVICES)}
+    assert after == before
+    assert unit_property("oomguard.service", "ActiveState") == "active"
