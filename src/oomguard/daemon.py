@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,10 @@ from oomguard import config
 from oomguard.broker import server as broker
 from oomguard.broker.server import Broker, Granter, Peer, Refusal
 from oomguard.forensics import events, metrics, oomwatch, status
+from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
 from oomguard.host import cgroups, procevents, procfs
+from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
 from oomguard.runs.lifecycle import RunLifecycle
@@ -81,6 +82,11 @@ class Daemon:
         self.registry = RunRegistry(state_dir / "runs.json", deferred=True)
         self.lifecycle = RunLifecycle(self.registry)
         self.store = events.EventStore(cfg.events.db, cfg.events.max_age, cfg.events.max_rows)
+        self.notifier = Notifier(cfg.notify)
+        self.store.on_added = self.notifier.notify
+        # Events from threads that serve users are written off their thread.
+        self.writer = EventWriter(self.store)
+        self.failed = False  # a thread died: exit non-zero so systemd restarts us
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.broker = Broker(cfg, self.granter, self.handlers(), slow_ops=frozenset({"kill-run"}))
@@ -90,7 +96,7 @@ class Daemon:
             cfg,
             self.registry,
             state_dir / "healer.json",
-            self.emit,
+            self.record,
             is_exempt=self.is_exempt,
             nonessential_pids=self.nonessential_pids,
             metric=self.on_metric,
@@ -105,7 +111,13 @@ class Daemon:
     # ------------------------------------------------------------ events
 
     def emit(self, kind: str, data: dict, uids: Any = ()) -> None:
-        """Store an event; the healer and the broker report through here."""
+        """Queue an event: for threads that serve users (broker, enforcer),
+        which must never wait on the database."""
+        self.writer.submit(kind, data, uids)
+
+    def record(self, kind: str, data: dict, uids: Any = ()) -> None:
+        """Store an event before returning: the healer relies on its events
+        being committed before its state file names them."""
         self.store.add(kind, data, uids=list(uids))
         if kind == "healer" or kind == "storm":
             self.metrics.healer_action(str(data.get("action", kind)))
@@ -133,11 +145,11 @@ class Daemon:
             "run %d ended: user=%s pid=%d exit_status=%s peak_memory=%s reason=%s",
             run.id, run.user, run.pid, run.exit_status, run.peak_memory, run.end_reason,
         )  # fmt: skip
-        self.emit("run_end", run_view(run), [run.uid])
+        self.record("run_end", run_view(run), [run.uid])
 
     def on_policy_change(self, change: policy.Change) -> None:
         if change.ok and not change.dry_run:
-            self.store.add("policy", change.as_dict(), uids=[change.uid])
+            self.emit("policy", change.as_dict(), [change.uid])
 
     def on_proc_event(self, ev: tuple) -> None:
         kind = ev[0]
@@ -225,6 +237,7 @@ class Daemon:
                 target(*args)
             except Exception:
                 log.exception("thread %s died; stopping the daemon", name)
+                self.failed = True
                 self.stop.set()
 
         t = threading.Thread(target=guarded, name=name, daemon=True)
@@ -280,6 +293,8 @@ class Daemon:
             log.warning("cannot protect the daemon itself (oom_score_adj -1000): %s", e.strerror)
         if not cgroups.is_v2():
             log.warning("no cgroup v2 at %s: runs get no cgroup of their own", cgroups.ROOT)
+        self.writer.start()
+        self.notifier.start()
         self.broker.bind()
         self._thread("broker", self.broker.serve, self.stop)
         self._thread("procevents", self._events)
@@ -311,6 +326,8 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.healer.close()
+        self.writer.stop()
+        self.notifier.stop()
         self.store.close()
 
     def wait(self) -> None:
@@ -341,5 +358,4 @@ def main(config_path: str | None = None) -> int:
         d.stop.set()
         return 1
     d.wait()
-    time.sleep(0)
-    return 0
+    return 1 if d.failed else 0

@@ -264,7 +264,7 @@ def daemon(base, daemons, nobody_sleeper):
 
 def protect_flood(sock: str, stop: threading.Event, acked: list[int]) -> None:
     """Protect requests as root, refused by the default allow-list: each refusal
-    is an event written before the reply is sent."""
+    is a queued event."""
     while not stop.is_set():
         try:
             with socket.socket(socket.AF_UNIX) as s:
@@ -612,7 +612,7 @@ def test_sigkill_at_random_moments_leaves_a_sound_db_and_registry(base, daemons,
     seed_events(d.db)
     daemons.append(d)
     rng = random.Random(os.getpid())
-    total_acked = 0
+    total_acked = total_refusals = 0
     for _ in range(4):
         d.proc = d.launch()  # no wait: a kill may land during start-up too
         stop, acked = threading.Event(), []
@@ -636,15 +636,18 @@ def test_sigkill_at_random_moments_leaves_a_sound_db_and_registry(base, daemons,
             (orphans,) = db.execute(
                 "SELECT COUNT(*) FROM event_uids v LEFT JOIN events e ON e.id = v.event_id WHERE e.id IS NULL"
             ).fetchone()
-        # every refusal a client was told about was committed before the reply
-        assert refusals >= total_acked and orphans == 0
+        # refusals are written off the broker's thread (a locked or full db
+        # must not stall it), so a SIGKILL may take the last few queued ones;
+        # what was committed is whole
+        assert orphans == 0
+        total_refusals = refusals  # cumulative: one db across restarts
         data = json.loads((d.state / "runs.json").read_text())  # whole, never torn
         assert sorted(r["id"] for r in data["runs"]) == [r.id for r in seeded]
         reg = RunRegistry(d.state / "runs.json")
         assert [r.id for r in reg.all()] == [r.id for r in seeded]
         assert reg.get(1).active and reg.get(1).pid == nobody_sleeper.pid
 
-    assert total_acked > 0
+    assert total_acked > 0 and total_refusals > 0
     d.start()  # and it starts again on what the last SIGKILL left
     status = d.cli_json("status")
     assert status["daemon"]["pid"] == d.proc.pid
@@ -659,3 +662,41 @@ def test_sigkill_at_random_moments_leaves_a_sound_db_and_registry(base, daemons,
     incidents = {e["data"]["since"] for e in d.cli_json("events", "--kind", "healer")
                  if e["data"].get("action") == "down"}
     assert healer["down_since"] in incidents
+
+
+# ---------------------------------------------------------------- hooks
+
+
+def test_hooks_get_each_stored_event_and_a_hanging_one_delays_nothing(base, daemons):
+    from test_notify import Receiver
+
+    receiver = Receiver()
+    try:
+        d = HostDaemon(base)
+        d.write_config(extra=f"""
+[[notify.exec]]
+command = ["/bin/sleep", "3600"]
+user = "nobody"
+kinds = ["*"]
+timeout = "1h"
+
+[[notify.webhook]]
+url = "{receiver.url}"
+kinds = ["healer"]
+""")
+        daemons.append(d.start())
+        # the closed health port starts an incident at once: its "down" event
+        # reaches the webhook although the exec hook before it hangs
+        _headers, raw = receiver.wait(1)[0]
+        event = json.loads(raw)
+        assert event["kind"] == "healer" and event["data"]["action"] == "down"
+        stored = [e for e in d.cli_json("events", "--kind", "healer") if e["data"].get("action") == "down"]
+        assert [e["id"] for e in stored] == [event["id"]]
+        for _ in range(20):  # the broker keeps answering while the hook hangs
+            assert d.request("ping", timeout=2)["ok"]
+        hung = [p.pid for p in procfs.iter_processes() if p.comm == "sleep" and p.uid == NOBODY]
+        assert hung, "the exec hook runs as nobody"
+        assert d.stop() == 0  # and stops with the daemon, hook and all
+        assert not any(Path(f"/proc/{pid}").exists() for pid in hung)
+    finally:
+        receiver.close()

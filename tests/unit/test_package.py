@@ -290,6 +290,10 @@ def test_the_example_config_names_every_key():
         assert f"healer.check.{key}" in keys, key
     assert {"healer.window.from", "healer.window.to", "healer.window.grace",
             "healer.service.name", "healer.service.restart"} <= keys
+    for table, cls in (("notify.exec", config.ExecHook), ("notify.webhook", config.WebhookHook)):
+        for f in dataclasses.fields(cls):
+            key = {"uid": "user", "gid": "group"}.get(f.name, f.name)
+            assert f"{table}.{key}" in keys, f"{table}.{key}"
 
 
 # ---------------------------------------------------------------- the dependency lists

@@ -8,7 +8,7 @@ other layers import from ``oomguard.config``, not from its modules.
 - ``values``: durations, sizes, times, users, globs; ``ConfigError``
 - ``table``: the TOML table reader that knows each key's default
 - ``broker`` ([protect]), ``policy`` ([policy], classes), ``layout``,
-  ``healer``, ``events``, ``metrics``: one schema per part
+  ``healer``, ``events``, ``metrics``, ``notify``: one schema per part
 - ``trusted_paths``: which exe globs a privileged class may use
 - ``load``: the file, read safely, and the whole ``Config``
 """
@@ -24,6 +24,7 @@ from oomguard.config.healer import Check, HealerConfig, Service, Window, windows
 from oomguard.config.layout import LayoutConfig
 from oomguard.config.load import DEFAULT_PATH, MAX_BYTES, Config, load_file, parse
 from oomguard.config.metrics import MetricsConfig, parse_listen
+from oomguard.config.notify import ExecHook, NotifyConfig, WebhookHook
 from oomguard.config.policy import (
     OOM_SCORE_ADJ_MAX,
     OOM_SCORE_ADJ_MIN,
@@ -44,7 +45,7 @@ from oomguard.host.users import login_uid_range
 
 __all__ = [
     "DEFAULT_PATH", "DEFAULT_SOCKET", "MAX_BYTES", "OOM_SCORE_ADJ_MAX", "OOM_SCORE_ADJ_MIN",
-    "Check", "Config", "ConfigError", "EventsConfig", "HealerConfig", "LayoutConfig", "MetricsConfig",
+    "Check", "Config", "ConfigError", "EventsConfig", "ExecHook", "NotifyConfig", "WebhookHook", "HealerConfig", "LayoutConfig", "MetricsConfig",
     "PolicyClass", "PolicyConfig", "ProtectConfig", "Service", "Window",
     "load", "login_uid_range", "parse", "parse_clock", "parse_duration", "parse_listen", "parse_policy_class",
     "parse_size", "resolve_group", "resolve_user", "split_argv", "windows_overlap",

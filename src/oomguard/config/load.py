@@ -21,6 +21,7 @@ from oomguard.config.events import EventsConfig, absolute_path, parse_events
 from oomguard.config.healer import HealerConfig, parse_healer
 from oomguard.config.layout import LayoutConfig, parse_layout
 from oomguard.config.metrics import MetricsConfig, parse_metrics
+from oomguard.config.notify import NotifyConfig, parse_notify
 from oomguard.config.policy import PolicyConfig, parse_policy
 from oomguard.config.table import Table
 from oomguard.config.values import ConfigError
@@ -38,6 +39,7 @@ class Config:
     healer: HealerConfig = field(default_factory=HealerConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     state_dir: str = "/var/lib/oomguard"
     log_level: str = "info"
     source: str | None = None  # the file it came from, None for defaults
@@ -59,6 +61,7 @@ def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
         healer=parse_healer(top.sub("healer", HealerConfig)),
         events=parse_events(top.sub("events", EventsConfig)),
         metrics=parse_metrics(top.sub("metrics", MetricsConfig)),
+        notify=parse_notify(top.sub("notify", NotifyConfig)),
         state_dir=state_dir,
         log_level=log_level,
         source=source,

@@ -83,32 +83,27 @@ def parse_clock(value: Any, key: str) -> dtime:
     raise ConfigError(f"{key}: expected a time of day like \"23:00\", got {value!r}")
 
 
-def resolve_user(name: Any, key: str) -> int:
-    """A uid from a user name or number; unknown names are a config error."""
+def _resolve(name: Any, key: str, lookup: Any, what: str) -> int:
     if isinstance(name, int) and not isinstance(name, bool) and name >= 0:
         return name
     if isinstance(name, str) and name:
         if name.isdigit():
             return int(name)
-        uid = users.uid_of(name)
-        if uid is None:
-            raise ConfigError(f"{key}: unknown user {name!r}")
-        return uid
-    raise ConfigError(f"{key}: expected a user name or uid, got {name!r}")
+        number = lookup(name)
+        if number is None:
+            raise ConfigError(f"{key}: unknown {what} {name!r}")
+        return number
+    raise ConfigError(f"{key}: expected a {what} name or {what[0]}id, got {name!r}")
+
+
+def resolve_user(name: Any, key: str) -> int:
+    """A uid from a user name or number; unknown names are a config error."""
+    return _resolve(name, key, users.uid_of, "user")
 
 
 def resolve_group(name: Any, key: str) -> int:
     """A gid from a group name or number; unknown names are a config error."""
-    if isinstance(name, int) and not isinstance(name, bool) and name >= 0:
-        return name
-    if isinstance(name, str) and name:
-        if name.isdigit():
-            return int(name)
-        gid = users.gid_of(name)
-        if gid is None:
-            raise ConfigError(f"{key}: unknown group {name!r}")
-        return gid
-    raise ConfigError(f"{key}: expected a group name or gid, got {name!r}")
+    return _resolve(name, key, users.gid_of, "group")
 
 
 def split_argv(command: str, key: str) -> tuple[str, ...]:

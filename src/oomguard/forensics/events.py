@@ -26,7 +26,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,8 @@ class EventStore:
             # SQLite gives the -wal and -shm files the same mode.
             fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.close(fd)
+        # Told each committed event (the daemon's hooks); must not block.
+        self.on_added: Callable[[dict[str, Any]], None] | None = None
         self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
         try:
             self._setup()
@@ -196,6 +198,8 @@ class EventStore:
                 raise
             self._adds += 1
             due = self.prune_every > 0 and self._adds % self.prune_every == 0
+        if self.on_added is not None:  # only once committed: a hook never sees a lost event
+            self.on_added({"id": event_id, "ts": when, "kind": kind, "data": record, "uids": owners})
         if due:
             self.prune()
         return event_id

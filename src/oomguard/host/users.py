@@ -31,6 +31,14 @@ def gid_of(name: str) -> int | None:
         return None
 
 
+def primary_gid(name: str) -> int | None:
+    """The login group of a user name, None if there is no such user."""
+    try:
+        return pwd.getpwnam(name).pw_gid
+    except KeyError:
+        return None
+
+
 def name_of(uid: int) -> str | None:
     """The user name of a uid, None if the uid has no entry."""
     try:

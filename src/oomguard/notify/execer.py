@@ -22,6 +22,7 @@ from oomguard.config.notify import ExecHook
 from oomguard.notify.payload import body, environment
 
 STDERR_TAIL = 512
+POLL = 0.5  # how soon a hook notices that the daemon stops
 
 
 class HookError(RuntimeError):
@@ -55,12 +56,7 @@ class ExecDelivery:
             except OSError as e:
                 raise HookError(f"cannot run {self.hook.command[0]}: {e.strerror or e}") from None
             try:
-                proc.communicate(body(event), timeout=self.hook.timeout)
-            except subprocess.TimeoutExpired:
-                _kill_session(proc)
-                raise HookError(
-                    f"{self.hook.command[0]} killed after {self.hook.timeout:g} s"
-                ) from None
+                self._wait(proc, body(event), stopping)
             except BaseException:
                 _kill_session(proc)
                 raise
@@ -68,6 +64,23 @@ class ExecDelivery:
                 err.seek(max(0, err.seek(0, os.SEEK_END) - STDERR_TAIL))
                 tail = err.read().decode(errors="replace").strip()
                 raise HookError(f"{self.hook.command[0]} exited {proc.returncode}: {tail}")
+
+    def _wait(self, proc: subprocess.Popen, data: bytes, stopping: threading.Event) -> None:
+        """Feed and wait for the hook, in slices, so a daemon that stops
+        never waits out a hook's whole timeout."""
+        deadline = time.monotonic() + self.hook.timeout
+        feed: bytes | None = data
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                proc.communicate(feed, timeout=max(0.01, min(POLL, left)))
+                return
+            except subprocess.TimeoutExpired:
+                feed = None  # communicate keeps what it has not written yet
+                if stopping.is_set():
+                    raise HookError(f"{self.hook.command[0]} killed: the daemon is stopping") from None
+                if left <= POLL:
+                    raise HookError(f"{self.hook.command[0]} killed after {self.hook.timeout:g} s") from None
 
     def _take_slot(self) -> None:
         now = self._clock()
