@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from oomguard import __version__, cli
+from oomguard import __version__
+from oomguard.cli import commands as cli
 
 # Every leaf command with the arguments it needs.
 COMMANDS = [
@@ -66,3 +67,21 @@ def test_config_check_accepts_a_good_file_given_after(tmp_path, capsys):
     good.write_text("[metrics]\nlisten = '127.0.0.1:9464'\n")
     assert cli.main(["config", "check", "--config", str(good)]) == 0
     assert capsys.readouterr().out == f"{good}: OK\n"
+
+
+def test_the_clients_default_socket_is_the_configs():
+    from oomguard.cli.client import DEFAULT_SOCKET
+    from oomguard.config import ProtectConfig
+
+    assert DEFAULT_SOCKET == ProtectConfig().socket
+
+
+def test_motd_at_login_does_not_import_the_rest_of_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from oomguard import cli; rc = cli.main(['motd']); "
+            "print(rc, sorted(m for m in sys.modules if m.startswith(('oomguard.config', 'argparse', 'oomguard.cli.commands'))))")  # fmt: skip
+    env = {"OOMGUARD_SOCKET": str(tmp_path / "none.sock"), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "0 []"  # no daemon: silent, and nothing else imported

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from oomguard import cli
+from oomguard.cli import commands as cli
 
 MiB = 1 << 20
 KILL_TS = 1_795_928_345.5

@@ -260,7 +260,7 @@ def test_policy_show_does_not_write_the_daemons_runs_file(tmp_path, monkeypatch)
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda p, flags, *a, **k: (
         opened.append((str(p), flags)), real_open(p, flags, *a, **k))[1])
-    from oomguard.cli import _registry
+    from oomguard.cli.commands import _registry
 
     decisions = policy.show(cfg, _registry(cfg))
     mine = next(d for d in decisions if d.pid == os.getpid())

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
 
-from oomguard.config import DEFAULT_SOCKET
+TYPE_CHECKING = False  # importing typing for it costs a login 4 ms
+
+if TYPE_CHECKING:
+    from typing import Any
+
+# config.broker's default, kept here so a login's `oomguard motd` need not
+# import the config schema; test_cli_options checks that the two agree.
+DEFAULT_SOCKET = "/run/oomguard/protect.sock"
 
 
 class DaemonError(Exception):

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from oomguard.cli.client import DaemonError, request
 from oomguard.cli.terminal import printable
+
+TYPE_CHECKING = False  # importing typing for it costs a login 4 ms
+
+if TYPE_CHECKING:  # pathlib and typing would add a third to a login's cost
+    from collections.abc import Sequence
+    from typing import Any
 
 KINDS = ("oom_kill", "healer", "storm")
 FIRST_LOOK_BACK = 7 * 86400.0
@@ -26,24 +29,26 @@ TIMEOUT = 2.0
 STOPPED = ("killed", "spared_some", "kill_failed")
 
 
-def seen_file() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "oomguard" / "motd-seen"
+def seen_file() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "oomguard", "motd-seen")
 
 
-def read_seen(path: Path, now: float) -> float:
+def read_seen(path: str, now: float) -> float:
     try:
-        value = float(path.read_text().strip())
+        with open(path) as f:
+            value = float(f.read(64).strip())
     except (OSError, ValueError):
         return now - FIRST_LOOK_BACK
     return value if value <= now else now - FIRST_LOOK_BACK
 
 
-def write_seen(path: Path, when: float) -> None:
+def write_seen(path: str, when: float) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(f"{when:.3f}\n")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(f"{when:.3f}\n")
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home: shown again next time, which is the safe side
@@ -89,12 +94,12 @@ def render(events: Sequence[dict[str, Any]], uid: int, since: float) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(socket: str | None = None) -> int:
     now = time.time()
     path = seen_file()
     since = read_seen(path, now)
     try:
-        reply = request("events", None, timeout=TIMEOUT, since=since, kinds=list(KINDS), limit=200)
+        reply = request("events", socket, timeout=TIMEOUT, since=since, kinds=list(KINDS), limit=200)
     except DaemonError:
         return 0
     text = render(reply.get("events") or [], os.getuid(), since)

@@ -1,0 +1,383 @@
+"""The admin command line's commands and parser (``oomguard.cli.main`` routes here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from oomguard import __version__, config
+from oomguard.cli.client import DaemonError, request
+
+
+def _json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _load(args: argparse.Namespace) -> config.Config:
+    return config.load(args.config)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from oomguard import daemon
+
+    return daemon.main(args.config)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = args.path or args.config
+    cfg = config.load(path)
+    print(f"{cfg.source or 'defaults (no config file)'}: OK")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    reply = request("runs", _socket(args), all=args.all)
+    runs = reply["runs"]
+    if args.json:
+        _json(runs)
+        return 0
+    if not runs:
+        print("no protected runs" if not args.all else "no runs recorded")
+        return 0
+    rows = [
+        (r["id"], r["user"], r["pid"], ago(r["started"]), ago(r["ended"]) if r["ended"] else "running",
+         r["exit_status"] if r["exit_status"] is not None else "-", r["cgroup"] or "-", r["command"][:60])
+        for r in runs
+    ]  # fmt: skip
+    print(table(rows, ("RUN", "USER", "PID", "STARTED", "ENDED", "EXIT", "CGROUP", "COMMAND")))
+    return 0
+
+
+def cmd_kill_run(args: argparse.Namespace) -> int:
+    reply = request("kill-run", _socket(args), id=args.id)
+    print(reply.get("message", f"run {args.id} killed"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from oomguard.forensics import status
+
+    try:
+        data = request("status", _socket(args))
+        data.pop("ok", None)
+    except DaemonError as e:
+        data = {**status.collect(_load(args)), "daemon": None, "daemon_error": str(e)}
+    if args.json:
+        _json(data)
+        return 0
+    print(render_status(data))
+    return 0
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.0f} MiB"
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def render_status(d: dict) -> str:
+    lines = []
+    m = d.get("memory", {})
+    lines.append(f"memory      {_mib(m.get('available'))} available of {_mib(m.get('total'))}")
+    app = d.get("app") or {}
+    if app.get("cgroup"):
+        limit = _mib(app["max"]) if app.get("max") else "no limit"
+        lines.append(f"app slice   {app['cgroup']}: {_mib(app.get('current'))} of {limit}, "
+                     f"oom={app.get('oom', 0)} oom_kill={app.get('oom_kill', 0)}")  # fmt: skip
+    else:
+        lines.append("app slice   none (run `oomguard setup`)")
+    psi = d.get("pressure")
+    if psi:
+        lines.append(f"pressure    memory some {psi['some_avg10']:.2f}% full {psi['full_avg10']:.2f}% (avg10)")
+    if d.get("daemon") is None:
+        lines.append(f"daemon      not reachable: {d.get('daemon_error')}")
+        return "\n".join(lines)
+    lines.append(f"daemon      pid {d['daemon']['pid']}, process events: {d['daemon']['process_events']}")
+    prot = d.get("protected", [])
+    lines.append(f"protected   {len(prot)} process(es) at -1000")
+    for r in d.get("runs", []):
+        lines.append(f"  run {r['id']:<4} {r['user']:<10} pid {r['pid']:<7} {r['command'][:60]}")
+    h = d.get("healer") or {}
+    checks = h.get("checks", {})
+    for name, c in checks.items():
+        state = "down" if c.get("down") else ("up" if c.get("healthy") else "failing")
+        lines.append(f"check       {name}: {state} {c.get('detail') or ''}".rstrip())
+    healer_line = f"healer      {h.get('phase', '-')}"
+    if h.get("window"):
+        healer_line += f", window {h['window']} (grace {_dur(h.get('grace'))})"
+        if h.get("down"):
+            healer_line += f", down for {_dur(h.get('downtime'))}, acts in {_dur(h.get('time_left'))}"
+    if h.get("dry_run"):
+        healer_line += " [dry run]"
+    lines.append(healer_line)
+    if (h.get("livelock") or {}).get("active"):
+        lines.append("livelock    only unkillable tasks left in the app cgroup: OOMs climb, nothing is killed")
+    kills = d.get("last_oom_kills", [])
+    lines.append(f"oom kills   {len(kills)} recent")
+    for e in kills:
+        k = e["data"]
+        lines.append(f"  {ago(e['ts'])}  pid {k.get('victim_pid')} {k.get('victim_comm')} "
+                     f"(uid {k.get('victim_uid')}) in {k.get('oom_memcg') or '-'}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from oomguard.forensics import ranking
+
+    r = ranking.rank(args.cgroup)
+    if args.json:
+        _json(r.as_dict())
+        return 0
+    print(ranking.format_table(r, args.limit))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from oomguard.forensics.events import parse_since
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        raise config.ConfigError(f"--since: {e}") from None
+    kinds = args.kind or None
+    reply = request("events", _socket(args), since=since, kinds=kinds, limit=args.limit)
+    rows = reply["events"]
+    if args.json:
+        _json(rows)
+        return 0
+    if not rows:
+        print("no events")
+        return 0
+    print(table([(ago(e["ts"]), e["kind"], describe_event(e)) for e in rows], ("TIME", "KIND", "WHAT")))
+    return 0
+
+
+def describe_event(e: dict) -> str:
+    d = e["data"]
+    kind = e["kind"]
+    if kind == "oom_kill":
+        runs = d.get("protected_runs") or []
+        who = f"; protected runs alive: {', '.join(str(r['id']) + ' (' + r['user'] + ')' for r in runs)}" if runs else ""
+        return (f"killed pid {d.get('victim_pid')} {d.get('victim_comm')} uid {d.get('victim_uid')} "
+                f"anon {d.get('anon_rss_kb')} kB in {d.get('oom_memcg') or '-'}{who}")  # fmt: skip
+    if kind in ("grant", "run_end"):
+        tail = f" exit {d.get('exit_status')} ({d.get('end_reason')})" if kind == "run_end" else ""
+        return f"run {d.get('id')} {d.get('user')} pid {d.get('pid')}: {str(d.get('command'))[:60]}{tail}"
+    if kind == "refusal":
+        return f"{d.get('user')} pid {d.get('pid')}: {d.get('message')}"
+    if kind == "policy":
+        return f"pid {d.get('pid')} {d.get('comm')}: {d.get('old')} -> {d.get('new')} ({d.get('class_name')})"
+    text = d.get("message") or d.get("action") or ""
+    return str(text)[:120]
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    from oomguard.policy import rules as policy
+
+    cfg = _load(args)
+    decisions = policy.show(cfg, _registry(cfg))
+    if args.classes:
+        rows = policy.class_table(policy.classes_for(cfg))
+        if args.json:
+            _json(rows)
+        else:
+            print(table([(r["name"], r["oom_score_adj"], r["essential"], r["healer_exempt"],
+                          "; ".join(f"{k}={','.join(map(str, r[k]))}" for k in ("user", "exe", "unit", "cgroup", "comm", "parent") if k in r))
+                         for r in rows], ("CLASS", "ADJ", "ESSENTIAL", "EXEMPT", "MATCHES")))  # fmt: skip
+        return 0
+    if not args.all:
+        decisions = [d for d in decisions if d.class_name or d.action == "set"]
+    if args.json:
+        _json([d.as_dict() for d in decisions])
+        return 0
+    print(table([(d.pid, d.uid, d.comm, d.class_name or "-", d.current, "-" if d.wanted is None else d.wanted,
+                  d.action, d.reason) for d in decisions],
+                ("PID", "UID", "COMM", "CLASS", "ADJ", "WANTED", "ACTION", "REASON")))  # fmt: skip
+    return 0
+
+
+def _registry(cfg: config.Config):
+    from pathlib import Path
+
+    from oomguard.runs.registry import RunRegistry
+
+    path = Path(cfg.state_dir) / "runs.json"
+    return RunRegistry.open_read_only(path) if path.exists() else None  # never writes the daemon's file
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    from oomguard.policy import rules as policy
+
+    cfg = _load(args)
+    changes = policy.apply_once(cfg, _registry(cfg), dry_run=args.dry_run)
+    if args.json:
+        _json([c.as_dict() for c in changes])
+        return 0
+    verb = "would set" if args.dry_run else "set"
+    for c in changes:
+        status = f"FAILED: {c.error}" if c.error else verb
+        print(f"{status} pid {c.pid} {c.comm} ({c.class_name or 'inherited'}): {c.old} -> {c.new}")
+    print(f"{len(changes)} change(s)" + (" (dry run)" if args.dry_run else ""))
+    return 1 if any(c.error for c in changes) else 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from oomguard.cli import setup
+
+    try:
+        setup.apply_layout(_load(args), dry_run=args.dry_run, root=args.root)
+    except (setup.SetupError, OSError) as e:
+        print(f"oomguard setup: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from oomguard.cli import doctor
+
+    findings = doctor.run(args.config)
+    if args.json:
+        _json([f.__dict__ for f in findings])
+    else:
+        for f in findings:
+            print(f"{f.level.upper():<6} {f.topic:<12} {f.text}")
+    return 1 if any(f.level == "error" for f in findings) else 0
+
+
+def cmd_motd(args: argparse.Namespace) -> int:
+    from oomguard.cli import motd
+
+    return motd.main(_socket(args))
+
+
+def _socket(args: argparse.Namespace) -> str:
+    try:
+        return config.load(args.config).protect.socket
+    except config.ConfigError:
+        return config.DEFAULT_SOCKET
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("--version", action="version", version=f"oomguard {__version__}")
+    p.add_argument("--config", metavar="PATH", default=default,
+                   help=f"config file (default {config.DEFAULT_PATH})")  # fmt: skip
+
+
+def _globals_after_commands(p: argparse.ArgumentParser) -> None:
+    """Accept the global options after any (sub)command too: `oomguard daemon
+    --config FILE` is how people write it. SUPPRESS as the default leaves the
+    value given before the command in place when none comes after."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _global_options(sub, argparse.SUPPRESS)
+                _globals_after_commands(sub)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oomguard", description="Tame the Linux OOM killer.")
+    _global_options(p, None)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("daemon", help="run the root daemon in the foreground")
+    s.set_defaults(func=cmd_daemon)
+
+    s = sub.add_parser("runs", help="list protected runs (yours, or all as root)")
+    s.add_argument("--all", action="store_true", help="include ended runs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("kill-run", help="end one protected run as the healer would")
+    s.add_argument("id", type=int)
+    s.set_defaults(func=cmd_kill_run)
+
+    s = sub.add_parser("status", help="memory, app slice, pressure, protected runs, health, healer, last OOM kills")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("top", help="processes in the order the OOM killer would pick them")
+    s.add_argument("--cgroup", metavar="PATH", help="rank as the kernel does for an OOM inside this cgroup")
+    s.add_argument("-n", "--limit", type=int, default=None, help="show the first N")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_top)
+
+    s = sub.add_parser("events", help="kernel OOM kills, protected runs, healer actions, policy changes")
+    s.add_argument("--since", metavar="WHEN", help='e.g. "1h", "30m", "2d" or an ISO time')
+    s.add_argument("--kind", action="append", metavar="KIND",
+                   help="oom_kill, oom_report, oom_livelock, grant, refusal, run_end, healer, storm, policy (repeatable)")
+    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_events)
+
+    s = sub.add_parser("policy", help="service priorities")
+    psub = s.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    c = psub.add_parser("show", help="every classified process: class, value now, value wanted")
+    c.add_argument("--all", action="store_true", help="include unmatched processes")
+    c.add_argument("--classes", action="store_true", help="show the classes instead")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_policy_show)
+    c = psub.add_parser("apply", help="apply the policy once")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_policy_apply)
+
+    s = sub.add_parser("setup", help="write the memory layout: app slice, service drop-ins, the daemon's unit")
+    s.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    s.add_argument("--root", metavar="DIR", help="write the files under DIR and do nothing else")
+    s.set_defaults(func=cmd_setup)
+
+    s = sub.add_parser("doctor", help="what would undermine oomguard's guarantees on this host")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("motd", help="what happened to your processes since your last login (for /etc/profile.d)")
+    s.set_defaults(func=cmd_motd)
+
+    s = sub.add_parser("config", help="configuration")
+    csub = s.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("check", help="validate a config file")
+    c.add_argument("path", nargs="?")
+    c.set_defaults(func=cmd_config_check)
+    _globals_after_commands(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except config.ConfigError as e:
+        print(f"oomguard: {e}", file=sys.stderr)
+        return 2
+    except DaemonError as e:
+        print(f"oomguard: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
