@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from oomguard.cli.render import format_ranking  # noqa: E402
 from oomguard.forensics import ranking  # noqa: E402
 from oomguard.host import procfs  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> int:
         total = len(procfs.list_pids())
         ps_run = lambda: subprocess.run(PS, stdout=subprocess.PIPE, check=True)  # noqa: E731
         rank_only = ranking.rank
-        rank_table = lambda: ranking.format_table(ranking.rank())  # noqa: E731
+        rank_table = lambda: format_ranking(ranking.rank())  # noqa: E731
         ps_run(), rank_table()  # warm the dentry caches for both
         ps_t, rank_t, table_t = [], [], []
         for _ in range(args.rounds):  # interleaved, so drift hits both alike
@@ -103,7 +104,7 @@ def main() -> int:
         print(f"{'ps -eo pid,oom,oomadj,rss,comm':<40} median {med(ps_t) * 1000:8.1f} ms  "
               f"(min {min(ps_t) * 1000:.1f})")
         print(f"{'ranking.rank()':<40} median {med(rank_t) * 1000:8.1f} ms  (min {min(rank_t) * 1000:.1f})")
-        print(f"{'ranking.rank() + format_table()':<40} median {med(table_t) * 1000:8.1f} ms  "
+        print(f"{'ranking.rank() + format_ranking()':<40} median {med(table_t) * 1000:8.1f} ms  "
               f"(min {min(table_t) * 1000:.1f})")
         print(f"ratio (rank + table) / ps: {med(table_t) / med(ps_t):.2f}x; rank alone / ps: "
               f"{med(rank_t) / med(ps_t):.2f}x")

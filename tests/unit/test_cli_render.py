@@ -9,6 +9,7 @@ import time
 import pytest
 
 from oomguard.cli import commands as cli
+from oomguard.cli import render
 
 MiB = 1 << 20
 KILL_TS = 1_795_928_345.5
@@ -218,9 +219,9 @@ def test_events_table_as_cmd_events_builds_it():
 
 
 def test_small_formatters():
-    assert cli.ago(None) == "-"
-    assert cli._mib(None) == "-" and cli._mib(512 * MiB) == "512 MiB"
-    assert [cli._dur(s) for s in (None, 0, 59.9, 60, 3725)] == ["-", "0s", "59s", "1m00s", "62m05s"]
+    assert render.ago(None) == "-"
+    assert render._mib(None) == "-" and render._mib(512 * MiB) == "512 MiB"
+    assert [render._dur(s) for s in (None, 0, 59.9, 60, 3725)] == ["-", "0s", "59s", "1m00s", "62m05s"]
 
 
 # ---------------------------------------------------------------- cmd_status without a daemon

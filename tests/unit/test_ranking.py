@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from oomguard.cli.render import format_ranking
 from oomguard.forensics import ranking
 from oomguard.host import cgroups, oomstat, procfs
 
@@ -281,7 +282,7 @@ def test_format_table_lists_next_victim_first(fake):
     fc.add("/app", [20, 21], max_=str(1 << 30))
     fp.add(20, "small", rss_kb=100)
     fp.add(21, "db", rss_kb=100, adj=-1000, euid=102)
-    lines = ranking.format_table(ranking.rank("/app")).splitlines()
+    lines = format_ranking(ranking.rank("/app")).splitlines()
     assert lines[0].split()[:3] == ["#", "PID", "POINTS"]
     assert lines[1].split()[0:2] == ["1", "20"] and lines[2].split()[0:2] == ["never", "21"]
     assert "mysql" in lines[2]

@@ -5,28 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 
 from oomguard import __version__, config
 from oomguard.cli.client import DaemonError, request
+from oomguard.cli.render import ago, describe_event, format_ranking, render_status, table
+from oomguard.cli.terminal import printable
 
 
 def _json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines)
-
-
-def ago(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _load(args: argparse.Namespace) -> config.Config:
@@ -69,7 +57,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_kill_run(args: argparse.Namespace) -> int:
     reply = request("kill-run", _socket(args), id=args.id)
-    print(reply.get("message", f"run {args.id} killed"))
+    print(printable(reply.get("message", f"run {args.id} killed")))
     return 0
 
 
@@ -88,63 +76,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / (1 << 20):.0f} MiB"
-
-
-def _dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def render_status(d: dict) -> str:
-    lines = []
-    m = d.get("memory", {})
-    lines.append(f"memory      {_mib(m.get('available'))} available of {_mib(m.get('total'))}")
-    app = d.get("app") or {}
-    if app.get("cgroup"):
-        limit = _mib(app["max"]) if app.get("max") else "no limit"
-        lines.append(f"app slice   {app['cgroup']}: {_mib(app.get('current'))} of {limit}, "
-                     f"oom={app.get('oom', 0)} oom_kill={app.get('oom_kill', 0)}")  # fmt: skip
-    else:
-        lines.append("app slice   none (run `oomguard setup`)")
-    psi = d.get("pressure")
-    if psi:
-        lines.append(f"pressure    memory some {psi['some_avg10']:.2f}% full {psi['full_avg10']:.2f}% (avg10)")
-    if d.get("daemon") is None:
-        lines.append(f"daemon      not reachable: {d.get('daemon_error')}")
-        return "\n".join(lines)
-    lines.append(f"daemon      pid {d['daemon']['pid']}, process events: {d['daemon']['process_events']}")
-    prot = d.get("protected", [])
-    lines.append(f"protected   {len(prot)} process(es) at -1000")
-    for r in d.get("runs", []):
-        lines.append(f"  run {r['id']:<4} {r['user']:<10} pid {r['pid']:<7} {r['command'][:60]}")
-    h = d.get("healer") or {}
-    checks = h.get("checks", {})
-    for name, c in checks.items():
-        state = "down" if c.get("down") else ("up" if c.get("healthy") else "failing")
-        lines.append(f"check       {name}: {state} {c.get('detail') or ''}".rstrip())
-    healer_line = f"healer      {h.get('phase', '-')}"
-    if h.get("window"):
-        healer_line += f", window {h['window']} (grace {_dur(h.get('grace'))})"
-        if h.get("down"):
-            healer_line += f", down for {_dur(h.get('downtime'))}, acts in {_dur(h.get('time_left'))}"
-    if h.get("dry_run"):
-        healer_line += " [dry run]"
-    lines.append(healer_line)
-    if (h.get("livelock") or {}).get("active"):
-        lines.append("livelock    only unkillable tasks left in the app cgroup: OOMs climb, nothing is killed")
-    kills = d.get("last_oom_kills", [])
-    lines.append(f"oom kills   {len(kills)} recent")
-    for e in kills:
-        k = e["data"]
-        lines.append(f"  {ago(e['ts'])}  pid {k.get('victim_pid')} {k.get('victim_comm')} "
-                     f"(uid {k.get('victim_uid')}) in {k.get('oom_memcg') or '-'}")  # fmt: skip
-    return "\n".join(lines)
-
-
 def cmd_top(args: argparse.Namespace) -> int:
     from oomguard.forensics import ranking
 
@@ -152,7 +83,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     if args.json:
         _json(r.as_dict())
         return 0
-    print(ranking.format_table(r, args.limit))
+    print(format_ranking(r, args.limit))
     return 0
 
 
@@ -174,25 +105,6 @@ def cmd_events(args: argparse.Namespace) -> int:
         return 0
     print(table([(ago(e["ts"]), e["kind"], describe_event(e)) for e in rows], ("TIME", "KIND", "WHAT")))
     return 0
-
-
-def describe_event(e: dict) -> str:
-    d = e["data"]
-    kind = e["kind"]
-    if kind == "oom_kill":
-        runs = d.get("protected_runs") or []
-        who = f"; protected runs alive: {', '.join(str(r['id']) + ' (' + r['user'] + ')' for r in runs)}" if runs else ""
-        return (f"killed pid {d.get('victim_pid')} {d.get('victim_comm')} uid {d.get('victim_uid')} "
-                f"anon {d.get('anon_rss_kb')} kB in {d.get('oom_memcg') or '-'}{who}")  # fmt: skip
-    if kind in ("grant", "run_end"):
-        tail = f" exit {d.get('exit_status')} ({d.get('end_reason')})" if kind == "run_end" else ""
-        return f"run {d.get('id')} {d.get('user')} pid {d.get('pid')}: {str(d.get('command'))[:60]}{tail}"
-    if kind == "refusal":
-        return f"{d.get('user')} pid {d.get('pid')}: {d.get('message')}"
-    if kind == "policy":
-        return f"pid {d.get('pid')} {d.get('comm')}: {d.get('old')} -> {d.get('new')} ({d.get('class_name')})"
-    text = d.get("message") or d.get("action") or ""
-    return str(text)[:120]
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
@@ -240,7 +152,7 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
     verb = "would set" if args.dry_run else "set"
     for c in changes:
         status = f"FAILED: {c.error}" if c.error else verb
-        print(f"{status} pid {c.pid} {c.comm} ({c.class_name or 'inherited'}): {c.old} -> {c.new}")
+        print(f"{status} pid {c.pid} {printable(c.comm)} ({c.class_name or 'inherited'}): {c.old} -> {c.new}")
     print(f"{len(changes)} change(s)" + (" (dry run)" if args.dry_run else ""))
     return 1 if any(c.error for c in changes) else 0
 

@@ -213,26 +213,3 @@ def rank(cgroup: str | None = None, *, include_kernel_threads: bool = False) -> 
     if cgroup is None:
         return rank_global(include_kernel_threads)
     return rank_cgroup(cgroup)
-
-
-def format_table(r: Ranking, limit: int | None = None) -> str:
-    """A plain table, next victim first."""
-    rows = r.entries[:limit] if limit else r.entries
-    score_head = "POINTS" if r.cgroup else "SCORE"
-    lines = [f"{'#':>5} {'PID':>7} {score_head:>10} {'ADJ':>5} {'RSS':>10} {'USER':<12} COMMAND"]
-    for e in rows:
-        score = e.points if r.cgroup else e.oom_score
-        lines.append(
-            f"{e.rank if e.rank is not None else 'never':>5} {e.pid:>7} "
-            f"{score if score is not None else '-':>10} {e.adj:>5} {_human_kb(e.rss_kb):>10} "
-            f"{e.user[:12]:<12} {e.comm}"
-        )
-    return "\n".join(lines)
-
-
-def _human_kb(kb: int) -> str:
-    for unit in ("K", "M", "G"):
-        if kb < 10240:
-            return f"{kb}{unit}"
-        kb //= 1024
-    return f"{kb}T"
