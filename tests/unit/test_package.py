@@ -106,8 +106,9 @@ def test_ships_the_commands_the_unit_the_config_the_manual_and_completion(deb):
     assert not [f for f in files if "prometheus_client" in f or "/bin/pip" in f or "site-packages" in f]
 
 
-def test_the_example_config_is_a_conffile(control):
-    assert (control / "conffiles").read_text().split() == ["/etc/oomguard/oomguard.toml"]
+def test_the_example_config_and_the_login_notice_are_conffiles(control):
+    assert sorted((control / "conffiles").read_text().split()) == [
+        "/etc/oomguard/oomguard.toml", "/etc/profile.d/oomguard-motd.sh"]  # fmt: skip
 
 
 def test_depends_on_debian_python3_and_prometheus_client_only(deb):
