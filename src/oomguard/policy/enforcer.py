@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pwd
 import threading
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oomguard.config import Config, PolicyClass
-from oomguard.host import cgroups, procfs
+from oomguard.host import cgroups, procfs, users
 from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
 from oomguard.policy.resolver import Resolver
 from oomguard.policy.rules import classes_for
@@ -97,10 +96,7 @@ class Enforcer:
     ) -> Enforcer:
         if systemd is None:
             systemd = cgroups.systemd_booted()
-        try:
-            app_uid: int | None = pwd.getpwnam(config.layout.app_user).pw_uid
-        except KeyError:
-            app_uid = None
+        app_uid = users.uid_of(config.layout.app_user)
         return cls(
             classes_for(config),
             registry,

@@ -25,12 +25,11 @@ enforcer.py (keeping the policy in force as processes start).
 
 from __future__ import annotations
 
-import pwd
 from collections.abc import Iterable
 from typing import Any
 
 from oomguard.config import Config, LayoutConfig, PolicyClass, parse_policy_class
-from oomguard.host import procfs
+from oomguard.host import procfs, users
 from oomguard.policy.decisions import (
     ALREADY,
     BY_CLASS,
@@ -68,13 +67,7 @@ ROOT_CGROUPS = ["/user.slice/user-0.slice/*"]
 
 
 def _user_exists(name: str) -> bool:
-    if name.isdigit():
-        return True
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
+    return name.isdigit() or users.exists(name)
 
 
 def default_class_tables(app_user: str = LayoutConfig.app_user) -> list[dict[str, Any]]:
