@@ -662,7 +662,7 @@ def test_a_daemonizing_service_is_classified_by_its_true_parents_once_it_settles
     pe = procevents.ProcEvents()
     pe.open()
     threads = [threading.Thread(target=pe.run, args=(enf.handle, stop), daemon=True),
-               threading.Thread(target=enf.run_upkeep, args=(stop,), daemon=True)]
+               threading.Thread(target=enf.run_upkeep, args=(stop, 5.0), daemon=True)]  # a lost event: resynced
     for t in threads:
         t.start()
     daemonize = (
@@ -688,7 +688,7 @@ def test_a_daemonizing_service_is_classified_by_its_true_parents_once_it_settles
         return out
 
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while True:
             procs = ours()
             masters = [p for p, pp in procs.items() if pp not in procs]
