@@ -28,13 +28,17 @@ from oomguard.forensics import events, metrics, oomwatch, status
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
 from oomguard.host import cgroups, procevents, procfs
+from oomguard.host.sdnotify import Notifier as SystemdNotifier
 from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import Run, RunRegistry
+from oomguard.telemetry.liveness import Liveness
 
 log = logging.getLogger(__name__)
+
+READY_WAIT = 60.0  # the first policy pass over a very busy box
 
 
 def setup_logging(level: str) -> None:
@@ -87,6 +91,9 @@ class Daemon:
         # Events from threads that serve users are written off their thread.
         self.writer = EventWriter(self.store)
         self.failed = False  # a thread died: exit non-zero so systemd restarts us
+        self.systemd = SystemdNotifier()
+        self.liveness = Liveness(self.systemd, watch_ticks=cfg.healer.enabled)
+        self.policy_applied = threading.Event()  # READY=1 waits for it
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.broker = Broker(cfg, self.granter, self.handlers(), slow_ops=frozenset({"kill-run"}))
@@ -123,7 +130,9 @@ class Daemon:
             self.metrics.healer_action(str(data.get("action", kind)))
 
     def on_metric(self, name: str, value: float, labels: dict) -> None:
-        if name == "oomguard_healer_downtime_seconds":
+        if name == "oomguard_healer_tick_seconds":  # published once per finished tick
+            self.liveness.tick()
+        elif name == "oomguard_healer_downtime_seconds":
             self.metrics.set_downtime(value)
         elif name == "oomguard_healer_livelock":
             self.metrics.set_livelock(bool(value))
@@ -278,12 +287,16 @@ class Daemon:
             log.warning("process events unavailable (%s); polling every %gs instead", e, self.cfg.policy.poll_interval)
             self.events_mode = "polling"
             if self.cfg.policy.enforce:
+                self.enforcer.poll_once(full=True)
+                self.policy_applied.set()
                 self.enforcer.run_polling(self.stop, self.cfg.policy.poll_interval)
+            self.policy_applied.set()
             return
         self.events_mode = "events"
         if self.cfg.policy.enforce:
             self.enforcer.poll_once(full=True)  # what started before we listened
             self._thread("policy-upkeep", self.enforcer.run_upkeep, self.stop)
+        self.policy_applied.set()
         pe.run(self.on_proc_event, self.stop)
 
     def start(self) -> None:
@@ -304,7 +317,12 @@ class Daemon:
             self._thread("healer", self.healer.run, self.stop)
         if self.cfg.metrics.listen:
             self.metrics_server = self.metrics.serve(self.cfg.metrics.listen)
+        self._thread("watchdog", self.liveness.run, self.stop)
         log.info("oomguard daemon %d serving %s", os.getpid(), self.cfg.protect.socket)
+        # Type=notify: ready once the socket listens and the policy is applied.
+        if not self.policy_applied.wait(READY_WAIT):
+            log.warning("policy not applied after %gs; reporting ready anyway", READY_WAIT)
+        self.systemd.ready(f"serving {self.cfg.protect.socket}")
 
     def reload(self) -> None:
         """SIGHUP: a valid new config replaces the parts that can change live;
@@ -318,9 +336,11 @@ class Daemon:
         self.granter.config = new.protect
         self.broker.config = new.protect
         self.enforcer.classes = policy.classes_for(new)
+        self.systemd.send(status=f"serving {new.protect.socket} (reloaded)")
         log.info("config reloaded from %s (socket, healer and metrics changes need a restart)", new.source or "defaults")
 
     def shutdown(self) -> None:
+        self.systemd.stopping()
         for t in self.threads:
             t.join(timeout=5)
         if self.metrics_server is not None:

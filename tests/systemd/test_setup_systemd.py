@@ -7,7 +7,10 @@ what setup wrote, so later test modules see the boot's original state.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from systemd_tools import (
     main_pid,
     oom_score_adj,
     oomguard,
+    run,
     setup_installed,
     systemctl,
     unit_property,
@@ -121,3 +125,57 @@ def test_rerunning_setup_leaves_the_files_and_the_running_services_as_they_were(
     after = contents(paths), {u: main_pid(u) for u in ("oomguard.service", *SERVICES)}
     assert after == before
     assert unit_property("oomguard.service", "ActiveState") == "active"
+
+
+# ---------------------------------------------------------------- the daemon as a notify service
+
+
+def test_the_daemon_is_a_sandboxed_notify_service_that_said_it_is_ready(installed):
+    props = {p: unit_property("oomguard.service", p) for p in (
+        "Type", "NotifyAccess", "WatchdogUSec", "StatusText", "ProtectSystem", "ProtectHome",
+        "PrivateTmp", "CapabilityBoundingSet", "TasksMax", "MemoryHigh", "Documentation")}
+    assert (props["Type"], props["NotifyAccess"], props["WatchdogUSec"]) == ("notify", "main", "1min"), props
+    # STATUS= comes with READY=1, sent once the socket listens and the policy is applied
+    assert props["StatusText"] == "serving /run/oomguard/protect.sock", props
+    assert (props["ProtectSystem"], props["ProtectHome"], props["PrivateTmp"]) == ("full", "read-only", "yes")
+    caps = set(props["CapabilityBoundingSet"].split())
+    assert {"cap_sys_resource", "cap_kill", "cap_net_admin", "cap_syslog"} <= caps
+    assert not caps & {"cap_sys_admin", "cap_sys_module", "cap_sys_time", "cap_sys_boot"}, caps
+    assert props["TasksMax"] == "256" and int(props["MemoryHigh"]) == 256 << 20
+    assert "man:oomguard(8)" in props["Documentation"]
+    # the sandbox leaves the daemon its kernel feeds: process events, not polling
+    status = json.loads(oomguard("status", "--json").stdout)
+    assert status["daemon"]["process_events"] == "events", status["daemon"]
+
+
+def test_reload_keeps_the_process_and_says_so(installed):
+    pid = main_pid("oomguard.service")
+    systemctl("reload", "oomguard.service")
+    wait_until(lambda: unit_property("oomguard.service", "StatusText").endswith("(reloaded)"), "the reload")
+    assert main_pid("oomguard.service") == pid
+    assert unit_property("oomguard.service", "ActiveState") == "active"
+
+
+def test_a_frozen_daemon_is_restarted_by_the_watchdog_and_a_live_one_is_not(installed):
+    dropin = Path("/run/systemd/system/oomguard.service.d/watchdog.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nWatchdogSec=4s\nTimeoutAbortSec=3s\n")  # SIGABRT cannot end a stopped process
+    try:
+        systemctl("daemon-reload")
+        systemctl("restart", "oomguard.service")  # blocks until READY=1
+        pid = main_pid("oomguard.service")
+        restarts = int(unit_property("oomguard.service", "NRestarts"))
+        time.sleep(10)  # 2.5 periods: only keep-alives keep it
+        assert main_pid("oomguard.service") == pid and unit_property("oomguard.service", "ActiveState") == "active"
+        os.kill(pid, signal.SIGSTOP)  # no tick, no keep-alive
+        wait_until(lambda: main_pid("oomguard.service") not in (0, pid)
+                   and unit_property("oomguard.service", "ActiveState") == "active",
+                   "the watchdog's restart", timeout=120)  # fmt: skip
+        assert int(unit_property("oomguard.service", "NRestarts")) == restarts + 1
+        assert unit_property("oomguard.service", "StatusText") == "serving /run/oomguard/protect.sock"
+        journal = run(["journalctl", "-u", "oomguard.service", "--no-pager", "-o", "cat"]).stdout
+        assert "Watchdog timeout" in journal, journal[-2000:]
+    finally:
+        dropin.unlink(missing_ok=True)
+        systemctl("daemon-reload")
+        systemctl("restart", "oomguard.service")
