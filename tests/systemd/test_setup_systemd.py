@@ -117,11 +117,12 @@ def test_the_daemon_gives_the_workers_their_class_value(installed, service):
 
 
 def test_rerunning_setup_leaves_the_files_and_the_running_services_as_they_were(installed):
-    # (that it also says so, and does not rewrite the files, is cli/setup.py's to add)
     paths = written_paths(installed.stdout)
     before = contents(paths), {u: main_pid(u) for u in ("oomguard.service", *SERVICES)}
     again = oomguard("setup")
-    assert set(written_paths(again.stdout)) == set(paths)
+    assert written_paths(again.stdout) == []
+    said = [line for line in again.stdout.splitlines() if line.startswith(("unchanged ", "nothing"))]
+    assert sorted(said) == sorted([f"unchanged {p}" for p in paths] + ["nothing changed"])
     after = contents(paths), {u: main_pid(u) for u in ("oomguard.service", *SERVICES)}
     assert after == before
     assert unit_property("oomguard.service", "ActiveState") == "active"
@@ -179,3 +180,17 @@ def test_a_frozen_daemon_is_restarted_by_the_watchdog_and_a_live_one_is_not(inst
         dropin.unlink(missing_ok=True)
         systemctl("daemon-reload")
         systemctl("restart", "oomguard.service")
+
+
+def test_uninstall_stops_the_daemon_and_removes_what_setup_wrote(installed):
+    """Last in this module: it undoes the installation."""
+    paths = written_paths(installed.stdout)
+    out = oomguard("setup", "--uninstall").stdout
+    assert sorted(line for line in out.splitlines() if line.startswith("removed ")) == sorted(
+        f"removed {p}" for p in paths)  # fmt: skip
+    assert not any(p.exists() for p in paths)
+    assert unit_property("oomguard.service", "ActiveState") == "inactive"
+    assert systemctl("is-enabled", "oomguard.service", check=False).stdout.strip() != "enabled"
+    assert unit_property("nginx.service", "DropInPaths") == ""
+    systemctl("restart", "nginx.service")  # a restart takes it out of the app slice
+    assert cgroup_of(main_pid("nginx.service")) == "/system.slice/nginx.service"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.cli import setup
+from oomguard.cli import setup, unitfiles
 from oomguard.config import Config, LayoutConfig, parse, parse_policy_class
 from oomguard.host import cgroups
 
@@ -202,7 +202,8 @@ def test_root_writes_under_the_directory_only(tmp_path):
 
 
 def test_a_real_systemd_install_reloads_and_enables(tmp_path, monkeypatch):
-    monkeypatch.setattr(setup, "write_files", lambda files, root=None: [Path(p) for p in files])
+    monkeypatch.setattr(setup, "write_files",
+                        lambda files, root=None: [unitfiles.FileChange(Path(p), "wrote") for p in files])
     ran = []
     setup.apply_layout(config(), systemd=True, ram=8 * GIB, app_uid=65534, exec_start="/x",
                        run=ran.append, out=io.StringIO())
@@ -259,3 +260,45 @@ def test_cgroup_layout_needs_cgroup_v2(tmp_path, monkeypatch):
 def test_defaults_render():
     files = setup.render_units(Config(layout=LayoutConfig()), 4 * GIB, None)
     assert ini(files["/etc/systemd/system/oomguard-app.slice"])["MemoryMax"] == str(4 * GIB - (512 << 20))
+
+
+def test_rerunning_setup_writes_nothing_and_says_so(tmp_path):
+    kw = dict(root=tmp_path, ram=8 * GIB, app_uid=65534, exec_start="/usr/bin/oomguard")
+    setup.apply_layout(config(), out=io.StringIO(), **kw)
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    out = io.StringIO()
+    setup.apply_layout(config(), out=out, **kw)
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "nothing changed"
+    assert sorted(lines[:-1]) == sorted(f"unchanged {p}" for p in mtimes)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_uninstall_removes_what_setup_wrote_and_restores_what_it_replaced(tmp_path):
+    kw = dict(root=tmp_path, app_uid=65534)
+    admins = tmp_path / "etc/systemd/system/nginx.service.d/oomguard.conf"
+    admins.parent.mkdir(parents=True)
+    admins.write_text("[Service]\nLimitNOFILE=65536\n")  # an admin's own file at our path
+    other = tmp_path / "etc/systemd/system/nginx.service.d/local.conf"
+    other.write_text("[Service]\nNice=5\n")
+    before = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    setup.apply_layout(config(), out=io.StringIO(), ram=8 * GIB, exec_start="/usr/bin/oomguard", **kw)
+    assert admins.read_text().startswith(unitfiles.HEADER)
+    out = io.StringIO()
+    setup.remove_layout(config(), out=out, run=lambda argv: pytest.fail(f"ran {argv}"), **kw)
+    after = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # ours gone, the admin's back, nothing else touched
+    assert f"restored {admins}" in out.getvalue().splitlines()
+    assert not (tmp_path / "etc/systemd/system/php8.2-fpm.service.d").exists()  # emptied drop-in dirs go
+    again = io.StringIO()
+    setup.remove_layout(config(), out=again, **kw)  # twice is harmless
+    assert {line.split()[0] for line in again.getvalue().splitlines()} == {"absent"}
+    assert {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_uninstall_on_a_real_systemd_stops_first_and_reloads_last(monkeypatch):
+    monkeypatch.setattr(setup, "remove_files", lambda paths, root=None: [])
+    monkeypatch.setattr(setup, "has_systemd", lambda: True)
+    ran = []
+    setup.remove_layout(config(), app_uid=65534, run=ran.append, out=io.StringIO())
+    assert ran == [["systemctl", "disable", "--now", "oomguard.service"], ["systemctl", "daemon-reload"]]

@@ -161,7 +161,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from oomguard.cli import setup
 
     try:
-        setup.apply_layout(_load(args), dry_run=args.dry_run, root=args.root)
+        if args.uninstall:
+            setup.remove_layout(_load(args), root=args.root)
+        else:
+            setup.apply_layout(_load(args), dry_run=args.dry_run, root=args.root)
     except (setup.SetupError, OSError) as e:
         print(f"oomguard setup: {e}", file=sys.stderr)
         return 1
@@ -263,6 +266,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("setup", help="write the memory layout: app slice, service drop-ins, the daemon's unit")
     s.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
     s.add_argument("--root", metavar="DIR", help="write the files under DIR and do nothing else")
+    s.add_argument("--uninstall", action="store_true",
+                   help="stop the daemon and remove what setup wrote, restoring what it replaced")
     s.set_defaults(func=cmd_setup)
 
     s = sub.add_parser("doctor", help="what would undermine oomguard's guarantees on this host")

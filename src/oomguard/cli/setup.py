@@ -21,15 +21,15 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TextIO
 
+from oomguard.cli.unitfiles import HEADER, remove_files, write_files
 from oomguard.config import Config, PolicyClass
 from oomguard.host import cgroups, procfs, users
-from oomguard.host.systemd import Runner, daemon_reload, enable_now
+from oomguard.host.systemd import Runner, daemon_reload, disable_now, enable_now
 
 UNIT_DIR = "/etc/systemd/system"
 DROPIN_NAME = "oomguard.conf"
 DEFAULT_EXEC = "/usr/bin/oomguard"
 AUTO = -1  # apply_layout(app_uid=AUTO): look the app user up
-HEADER = "# Written by `oomguard setup`; rerunning it overwrites this file.\n"
 
 # Which policy class a known service's main process belongs to. A service
 # not listed here takes the first class whose `unit` globs match its name.
@@ -204,20 +204,6 @@ def render_units(
     return files
 
 
-def write_files(files: dict[str, str], root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Write the files (under ``root`` if given) atomically; returns the paths."""
-    out = []
-    for path, text in sorted(files.items()):
-        target = Path(root, path.lstrip("/")) if root else Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-        out.append(target)
-    return out
-
-
 # ---------------------------------------------------------------- no systemd
 
 
@@ -329,14 +315,51 @@ def apply_layout(
             shown = Path(root, path.lstrip("/")) if root else path
             out.write(f"==> {shown} <==\n{text}\n")
         return files
-    written = write_files(files, root)
-    for p in written:
-        out.write(f"wrote {p}\n")
+    changes = write_files(files, root)
+    for c in changes:
+        out.write(c.line() + "\n")
+    changed = any(c.action != "unchanged" for c in changes)
+    if not changed:
+        out.write("nothing changed\n")
+    if root is None:
+        if changed:
+            daemon_reload(run)
+        enable_now("oomguard.service", run)
+        if changed:
+            out.write(
+                "restart " + " ".join(config.layout.services)
+                + " when convenient to move them into " + config.layout.app_slice + "\n"
+            )
+    return files
+
+
+def remove_layout(
+    config: Config,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    app_uid: int | None = AUTO,
+    run: Runner | None = None,
+    out: TextIO | None = None,
+) -> None:
+    """`oomguard setup --uninstall`: stop and disable the daemon, remove every
+    unit file setup writes (putting back what they replaced), daemon-reload.
+    Services leave the app slice when they next restart."""
+    out = out or sys.stdout
+    if root is None and not has_systemd():
+        cg = config.layout.app_cgroup
+        if cgroups.exists(cg) and not cgroups.remove(cg):
+            raise SetupError(f"{cgroups.path(cg)} still holds processes; move or stop them first")
+        out.write(f"removed {cgroups.path(cg)}\n")
+        return
+    uid = app_uid_of(config) if app_uid == AUTO else app_uid
+    paths = list(render_units(config, 1 << 40, uid, exec_start=DEFAULT_EXEC, classes=()))
+    if root is None:
+        disable_now("oomguard.service", run)
+    for c in remove_files(paths, root):
+        out.write(c.line() + "\n")
     if root is None:
         daemon_reload(run)
-        enable_now("oomguard.service", run)
         out.write(
             "restart " + " ".join(config.layout.services)
-            + " when convenient to move them into " + config.layout.app_slice + "\n"
+            + " when convenient to move them out of " + config.layout.app_slice + "\n"
         )
-    return files

@@ -31,3 +31,8 @@ def daemon_reload(run: Runner | None = None) -> None:
 def enable_now(unit: str, run: Runner | None = None) -> None:
     """Enable ``unit`` at boot and start it now."""
     systemctl("enable", "--now", unit, run=run)
+
+
+def disable_now(unit: str, run: Runner | None = None) -> None:
+    """Stop ``unit`` now and keep it from starting at boot."""
+    systemctl("disable", "--now", unit, run=run)
