@@ -27,7 +27,7 @@ from oomguard.broker.server import Broker, Granter, Peer, Refusal
 from oomguard.forensics import events, metrics, oomwatch, status
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
-from oomguard.host import cgroups, procevents, procfs
+from oomguard.host import cgroups, journal, procevents, procfs
 from oomguard.host.sdnotify import Notifier as SystemdNotifier
 from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
@@ -37,25 +37,38 @@ from oomguard.runs.registry import Run, RunRegistry
 from oomguard.telemetry.liveness import Liveness
 
 log = logging.getLogger(__name__)
+events_log = logging.getLogger("oomguard.events")  # one line per stored event
 
 READY_WAIT = 60.0  # the first policy pass over a very busy box
 
 
 def setup_logging(level: str) -> None:
-    """stderr, one line per record, with a syslog priority prefix that
-    journald understands (<3> error ... <7> debug)."""
-    prio = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+    """journald's native protocol (MESSAGE_ID and OOMGUARD_* fields per event)
+    when systemd connected stderr to the journal; otherwise stderr, one line
+    per record with a syslog priority prefix (<3> error ... <7> debug).
+    A daemon run by hand logs where it was started, journal socket or not."""
+    if journal.stream_is_journal(os.environ, 2):
+        handler = journal.make_handler()
+    else:
+        prio = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
-    class JournalFormatter(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            text = super().format(record).replace("\n", " | ")
-            return f"<{prio.get(record.levelname, 6)}>{record.name}: {text}"
+        class PriorityFormatter(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                text = super().format(record).replace("\n", " | ")
+                return f"<{prio.get(record.levelname, 6)}>{record.name}: {text}"
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter("%(message)s"))
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(PriorityFormatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def event_summary(kind: str, data: dict) -> str:
+    """A short line for the log; the journal has every field besides."""
+    keys = ("id", "run", "user", "uid", "pid", "action", "reason", "victim_pid", "victim_comm", "exit_status")
+    parts = [f"{k}={data[k]}" for k in keys if data.get(k) is not None]
+    return f"event {kind}: {' '.join(parts)}"[:500]
 
 
 def run_view(run: Run) -> dict:
@@ -87,7 +100,7 @@ class Daemon:
         self.lifecycle = RunLifecycle(self.registry)
         self.store = events.EventStore(cfg.events.db, cfg.events.max_age, cfg.events.max_rows)
         self.notifier = Notifier(cfg.notify)
-        self.store.on_added = self.notifier.notify
+        self.store.on_added = self.on_stored
         # Events from threads that serve users are written off their thread.
         self.writer = EventWriter(self.store)
         self.failed = False  # a thread died: exit non-zero so systemd restarts us
@@ -116,6 +129,16 @@ class Daemon:
         self._peaks: dict[int, int] = {}  # run id -> largest RSS sum sampled
 
     # ------------------------------------------------------------ events
+
+    def on_stored(self, event: dict) -> None:
+        """Each event once committed: to the hooks and the log (a coalesced
+        repeat, e.g. a refusal flood, to neither)."""
+        if event.get("repeat"):
+            return
+        self.notifier.notify(event)
+        kind, data = event["kind"], event["data"]
+        events_log.info("%s", event_summary(kind, data),
+                        extra={journal.EXTRA_ATTR: journal.event_fields(kind, data)})  # fmt: skip
 
     def emit(self, kind: str, data: dict, uids: Any = ()) -> None:
         """Queue an event: for threads that serve users (broker, enforcer),

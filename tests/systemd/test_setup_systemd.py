@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -180,6 +181,25 @@ def test_a_frozen_daemon_is_restarted_by_the_watchdog_and_a_live_one_is_not(inst
         dropin.unlink(missing_ok=True)
         systemctl("daemon-reload")
         systemctl("restart", "oomguard.service")
+
+
+def test_the_daemons_events_reach_the_journal_with_their_message_id_and_fields(installed):
+    from oomguard.host import journal
+
+    with socket.socket(socket.AF_UNIX) as s:  # root is no login user: refused, and recorded
+        s.settimeout(30)
+        s.connect("/run/oomguard/protect.sock")
+        s.sendall(b'{"op": "protect"}\n')
+        assert json.loads(s.makefile("rb").readline())["ok"] is False
+
+    def entries():
+        out = run(["journalctl", "--no-pager", "-o", "json", "-u", "oomguard.service",
+                   f"MESSAGE_ID={journal.MESSAGE_IDS['refusal']}"]).stdout  # fmt: skip
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    entry = wait_until(entries, "the refusal in the journal")[-1]
+    assert entry["OOMGUARD_EVENT"] == "refusal" and entry["OOMGUARD_UID"] == "0", entry
+    assert entry["MESSAGE"].startswith("event refusal:") and entry["PRIORITY"] == "6"
 
 
 def test_uninstall_stops_the_daemon_and_removes_what_setup_wrote(installed):

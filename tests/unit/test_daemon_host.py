@@ -700,3 +700,12 @@ kinds = ["healer"]
         assert not any(Path(f"/proc/{pid}").exists() for pid in hung)
     finally:
         receiver.close()
+
+
+def test_each_stored_event_is_logged_once_and_a_refusal_flood_once(daemon):
+    for _ in range(5):  # root is no login user: five refusals, coalesced on one row
+        assert daemon.request("protect")["ok"] is False
+    wait_for(lambda: "event refusal: " in daemon.log_text())
+    wait_for(lambda: "event healer: " in daemon.log_text())  # the incident's "down"
+    wait_for(lambda: [e["data"]["count"] for e in daemon.cli_json("events", "--kind", "refusal")] == [5])
+    assert daemon.log_text().count("event refusal: ") == 1

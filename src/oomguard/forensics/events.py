@@ -199,7 +199,8 @@ class EventStore:
             self._adds += 1
             due = self.prune_every > 0 and self._adds % self.prune_every == 0
         if self.on_added is not None:  # only once committed: a hook never sees a lost event
-            self.on_added({"id": event_id, "ts": when, "kind": kind, "data": record, "uids": owners})
+            self.on_added({"id": event_id, "ts": when, "kind": kind, "data": record, "uids": owners,
+                           "repeat": bool(key) and "count" not in record})
         if due:
             self.prune()
         return event_id
