@@ -100,3 +100,14 @@ def test_globs_that_cannot_compile_or_match_are_refused(matcher, message):
 def test_class_defaults_come_from_the_dataclass():
     c = cls(oom_score_adj=100, comm=["x"])
     assert c.essential is True and c.healer_exempt is False and c.exe == ()
+
+
+def test_a_cmdline_matcher_only_makes_a_process_a_likelier_victim():
+    c = cls(oom_score_adj=500, user=["nobody"], cmdline=["php bin/magento queue:consumers*"])
+    assert c.cmdline == ("php bin/magento queue:consumers*",)
+    for bad in ({"oom_score_adj": -100}, {"oom_score_adj": 0}, {"oom_score_adj": 500, "healer_exempt": True}):
+        kw = {"user": ["nobody"], "exe": ["/usr/bin/php8.2"], "cmdline": ["*cron:run*"], **bad}
+        with pytest.raises(ConfigError, match=r"^policy.class\[0\].cmdline: .*raises oom_score_adj above 0"):
+            cls(**kw)
+    with pytest.raises(ConfigError, match=r"^policy.class\[0\].cmdline\[0\]: "):
+        cls(oom_score_adj=500, cmdline=["[unclosed"])

@@ -705,3 +705,27 @@ def test_a_daemonizing_service_is_classified_by_its_true_parents_once_it_settles
             os.kill(pid, 9)
         for t in threads:
             t.join(5)
+
+
+def test_a_cmdline_glob_tells_queue_consumers_from_other_workers_of_the_same_binary():
+    classes = (
+        parse_policy_class({"name": "consumer", "oom_score_adj": 800,
+                            "cmdline": ["* bin/magento queue:consumers:start *"]}, "q"),
+        parse_policy_class({"name": "php", "oom_score_adj": 200, "comm": ["python*"]}, "p"),
+    )
+    argv = [sys.executable, "-c", "import time; time.sleep(300)"]
+    consumer = subprocess.Popen(argv + ["bin/magento", "queue:consumers:start", "product_import"])
+    other = subprocess.Popen(argv + ["bin/magento", "cron:run"])
+    try:
+        for p in (consumer, other):  # exec'd: argv is the interpreter's, not the fork's
+            deadline = time.monotonic() + 30
+            while "bin/magento" not in procfs.read_cmdline(p.pid):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        procs = [procfs.snapshot(p.pid) for p in (consumer, other)]
+        d = by_pid(policy.plan(procs, classes, None))
+        assert (d[consumer.pid].class_name, d[other.pid].class_name) == ("consumer", "php")
+    finally:
+        for p in (consumer, other):
+            p.kill()
+            p.wait()

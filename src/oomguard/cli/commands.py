@@ -118,7 +118,7 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
             _json(rows)
         else:
             print(table([(r["name"], r["oom_score_adj"], r["essential"], r["healer_exempt"],
-                          "; ".join(f"{k}={','.join(map(str, r[k]))}" for k in ("user", "exe", "unit", "cgroup", "comm", "parent") if k in r))
+                          "; ".join(f"{k}={','.join(map(str, r[k]))}" for k in ("user", "exe", "unit", "cgroup", "comm", "cmdline", "parent") if k in r))
                          for r in rows], ("CLASS", "ADJ", "ESSENTIAL", "EXEMPT", "MATCHES")))  # fmt: skip
         return 0
     if not args.all:

@@ -2,7 +2,9 @@
 
 A class is checked whole at load time: its globs must compile and be able to
 match, and a privileged class must match on user plus exe, unit or cgroup,
-with exe globs that only root can satisfy (see trusted_paths).
+with exe globs that only root can satisfy (see trusted_paths). A cmdline
+matcher, which the process's owner controls, may only make a process a
+likelier victim.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class PolicyClass:
     unit: tuple[str, ...] = ()  # systemd unit globs, read from the cgroup path
     cgroup: tuple[str, ...] = ()  # cgroup v2 path globs
     parent: tuple[str, ...] = ()  # names of classes the parent must be in
+    cmdline: tuple[str, ...] = ()  # globs on the whole command line, args joined by spaces
     essential: bool = True
     healer_exempt: bool = False
 
@@ -77,16 +80,22 @@ def parse_policy_class(data: Any, key: str) -> PolicyClass:
         unit=_globs(t, "unit"),
         cgroup=_globs(t, "cgroup"),
         parent=t.str_list("parent"),
+        cmdline=_globs(t, "cmdline"),
         essential=t.get("essential", kind=bool),
         healer_exempt=t.get("healer_exempt", kind=bool),
     )
     t.done()
-    if not (cls.comm or cls.exe or cls.user or cls.unit or cls.cgroup or cls.parent):
+    if not (cls.comm or cls.exe or cls.user or cls.unit or cls.cgroup or cls.parent or cls.cmdline):
         raise ConfigError(f"{key}: class {name!r} has no matcher and would match every process")
     if cls.privileged and not (cls.user and (cls.exe or cls.unit or cls.cgroup)):
         raise ConfigError(
             f"{key}: class {name!r} lowers oom_score_adj below 0 or exempts from the healer, "
             "so it must match on user together with exe, unit or cgroup (a name alone can be forged)"
+        )
+    if cls.cmdline and (cls.privileged or cls.oom_score_adj <= 0):
+        raise ConfigError(
+            f"{t.k('cmdline')}: class {name!r} matches on the command line, which its owner writes at will; "
+            "a cmdline matcher is allowed only in a class that raises oom_score_adj above 0 and is not healer_exempt"
         )
     if cls.privileged:
         for i, g in enumerate(cls.exe):

@@ -1,7 +1,7 @@
 """Which class a process is in: one class's matchers against one process.
 
 Within a class every matcher kind that is given must match (comm AND exe AND
-user AND unit AND cgroup AND parent), and within one kind any listed pattern
+user AND unit AND cgroup AND cmdline AND parent), and within one kind any listed pattern
 may match. Cheap matchers go first; the parent's class is computed last.
 """
 
@@ -50,6 +50,8 @@ def matches(
     if cls.unit and not _any(cls.unit, cgroups.unit_of(proc.cgroup)):
         return False
     if cls.cgroup and not _any(cls.cgroup, proc.cgroup):
+        return False
+    if cls.cmdline and not _any(cls.cmdline, procfs.cmdline_for_match(proc.pid)):
         return False
     if cls.parent:
         pc = parent_class()

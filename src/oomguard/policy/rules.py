@@ -206,7 +206,7 @@ def class_table(classes: Iterable[PolicyClass]) -> list[dict[str, Any]]:
     rows = []
     for c in classes:
         row: dict[str, Any] = {"name": c.name, "oom_score_adj": c.oom_score_adj}
-        for k in ("comm", "exe", "user", "unit", "cgroup", "parent"):
+        for k in ("comm", "exe", "user", "unit", "cgroup", "cmdline", "parent"):
             v = getattr(c, k)
             if v:
                 row[k] = list(v)
