@@ -94,4 +94,4 @@ def test_the_metrics_exporter_refuses_what_config_check_refuses():
 
 def test_an_empty_file_is_the_defaults(tmp_path):
     cfg = config.load(write(tmp_path, ""))
-    assert cfg == Config(source=str(tmp_path / "oomguard.toml"))
+    assert cfg == Config(source=str(tmp_path / "oomguard.toml"), files=(str(tmp_path / "oomguard.toml"),))

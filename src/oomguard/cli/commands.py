@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from oomguard import __version__, config
 from oomguard.cli.client import DaemonError, request
@@ -34,6 +35,25 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     path = args.path or args.config
     cfg = config.load(path)
     print(f"{cfg.source or 'defaults (no config file)'}: OK")
+    for f in cfg.files[1:] if cfg.files[:1] == (cfg.source,) else cfg.files:
+        print(f"  merged over it: {f}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from oomguard.config import dropins
+
+    path = args.path or args.config
+    cfg = config.load(path)  # refuses what the daemon would refuse
+    layers = config.read_layers(*((config.DEFAULT_PATH, False) if path is None else (Path(path), True)))
+    leaves = dropins.flatten(layers.data)
+    if args.json:
+        _json({"files": list(cfg.files), "values": [
+            {"key": k, "value": v, "from": layers.origins.get(k)} for k, v in leaves]})  # fmt: skip
+        return 0
+    print(f"# {len(cfg.files)} file(s): {', '.join(cfg.files) or 'none, all defaults'}; unset keys have their defaults")
+    for key, value in leaves:
+        print(f"{key} = {json.dumps(value, default=str)}  # {layers.origins.get(key, '?')}")
     return 0
 
 
@@ -282,6 +302,10 @@ def parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="validate a config file")
     c.add_argument("path", nargs="?")
     c.set_defaults(func=cmd_config_check)
+    c = csub.add_parser("show", help="the merged config (main file and drop-ins), each value with its file")
+    c.add_argument("path", nargs="?")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config_show)
     _globals_after_commands(p)
     return p
 

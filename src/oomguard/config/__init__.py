@@ -10,7 +10,8 @@ other layers import from ``oomguard.config``, not from its modules.
 - ``broker`` ([protect]), ``policy`` ([policy], classes), ``layout``,
   ``healer``, ``events``, ``metrics``, ``notify``: one schema per part
 - ``trusted_paths``: which exe globs a privileged class may use
-- ``load``: the file, read safely, and the whole ``Config``
+- ``dropins``: ``FILE.d/*.toml`` merged over the file, each value's origin
+- ``load``: the files, read safely, and the whole ``Config``
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from oomguard.config.broker import DEFAULT_SOCKET, ProtectConfig
 from oomguard.config.events import EventsConfig
 from oomguard.config.healer import Check, HealerConfig, Service, Window, windows_overlap
 from oomguard.config.layout import LayoutConfig
-from oomguard.config.load import DEFAULT_PATH, MAX_BYTES, Config, load_file, parse
+from oomguard.config.load import (
+    DEFAULT_PATH,
+    MAX_BYTES,
+    Config,
+    Layers,
+    load_file,
+    parse,
+    read_layers,
+)
 from oomguard.config.metrics import MetricsConfig, parse_listen
 from oomguard.config.notify import ExecHook, NotifyConfig, WebhookHook
 from oomguard.config.policy import (
@@ -45,7 +54,7 @@ from oomguard.host.users import login_uid_range
 
 __all__ = [
     "DEFAULT_PATH", "DEFAULT_SOCKET", "MAX_BYTES", "OOM_SCORE_ADJ_MAX", "OOM_SCORE_ADJ_MIN",
-    "Check", "Config", "ConfigError", "EventsConfig", "ExecHook", "NotifyConfig", "WebhookHook", "HealerConfig", "LayoutConfig", "MetricsConfig",
+    "Check", "Config", "ConfigError", "Layers", "read_layers", "EventsConfig", "ExecHook", "NotifyConfig", "WebhookHook", "HealerConfig", "LayoutConfig", "MetricsConfig",
     "PolicyClass", "PolicyConfig", "ProtectConfig", "Service", "Window",
     "load", "login_uid_range", "parse", "parse_clock", "parse_duration", "parse_listen", "parse_policy_class",
     "parse_size", "resolve_group", "resolve_user", "split_argv", "windows_overlap",

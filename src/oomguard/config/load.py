@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oomguard.config import dropins
 from oomguard.config.broker import ProtectConfig, parse_protect
 from oomguard.config.events import EventsConfig, absolute_path, parse_events
 from oomguard.config.healer import HealerConfig, parse_healer
@@ -43,9 +44,10 @@ class Config:
     state_dir: str = "/var/lib/oomguard"
     log_level: str = "info"
     source: str | None = None  # the file it came from, None for defaults
+    files: tuple[str, ...] = ()  # that file and the drop-ins merged over it
 
 
-def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
+def parse(data: Mapping[str, Any], source: str | None = None, files: tuple[str, ...] = ()) -> Config:
     """A Config from already-decoded TOML data."""
     top = Table(data, "")
     daemon = top.sub("daemon", Config)
@@ -65,6 +67,7 @@ def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
         state_dir=state_dir,
         log_level=log_level,
         source=source,
+        files=files,
     )
     top.done()
     return cfg
@@ -101,22 +104,51 @@ def read_config_file(p: Path) -> bytes:
         os.close(fd)
 
 
-def load_file(p: Path, explicit: bool = True) -> Config:
-    """Load one config file; a missing file means defaults unless it was
-    named explicitly."""
+def _decode(p: Path, raw: bytes) -> dict[str, Any]:
     try:
-        raw = read_config_file(p)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{p}: no such config file") from None
-        return Config()
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The main file and its drop-ins, merged, before validation."""
+
+    data: dict[str, Any]
+    origins: dict[str, str]  # dotted key -> file
+    files: tuple[str, ...]  # the files that exist, in the order they apply
+
+
+def read_layers(p: Path, explicit: bool = True) -> Layers:
+    """``p`` and ``p.d/*.toml``; a missing main file is an error only if it
+    was named explicitly (its drop-ins still apply)."""
+    layers: list[tuple[str, dict[str, Any]]] = []
     try:
-        return parse(data, source=str(p))
+        layers.append((str(p), _decode(p, read_config_file(p))))
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{p}: no such config file") from None
+    for d in dropins.dropin_files(p):
+        try:
+            layers.append((str(d), _decode(d, read_config_file(d))))
+        except FileNotFoundError:
+            continue  # removed while we listed it
+    data, origins = dropins.merge(layers)
+    return Layers(data, origins, tuple(src for src, _ in layers))
+
+
+def load_file(p: Path, explicit: bool = True) -> Config:
+    """Load one config file and its drop-ins; an error names the file the
+    offending key came from."""
+    layers = read_layers(p, explicit)
+    if not layers.files:
+        return Config()
+    try:
+        return parse(layers.data, source=str(p), files=layers.files)
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        key = str(e).split(":", 1)[0]
+        where = dropins.origin_of(key, layers.origins) if " " not in key else None
+        raise ConfigError(f"{where or p}: {e}") from None
