@@ -317,3 +317,16 @@ def test_the_daemons_unit_is_sandboxed_better_than_its_peers(tmp_path):
                          capture_output=True, text=True).stdout
     score = float(re.search(r"Overall exposure level for oomguard.service: ([\d.]+)", out).group(1))
     assert score <= 5.0, out
+
+
+def test_the_packages_unit_is_used_instead_of_writing_one_into_etc(tmp_path, monkeypatch):
+    vendor = tmp_path / "lib/oomguard.service"
+    vendor.parent.mkdir()
+    vendor.write_text("[Service]\nExecStart=/usr/bin/oomguard daemon\n")
+    monkeypatch.setattr(setup, "VENDOR_UNIT", str(vendor))
+    out = io.StringIO()
+    files = setup.apply_layout(config(), dry_run=True, systemd=True, ram=8 * GIB, app_uid=65534, out=out,
+                               exec_start="/usr/bin/oomguard", run=lambda argv: pytest.fail(f"ran {argv}"))
+    assert f"{setup.UNIT_DIR}/oomguard.service" not in files
+    assert f"{setup.UNIT_DIR}/oomguard-app.slice" in files
+    assert f"the package's {vendor}" in out.getvalue()

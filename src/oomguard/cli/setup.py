@@ -27,6 +27,7 @@ from oomguard.host import cgroups, procfs, users
 from oomguard.host.systemd import Runner, daemon_reload, disable_now, enable_now
 
 UNIT_DIR = "/etc/systemd/system"
+VENDOR_UNIT = "/lib/systemd/system/oomguard.service"  # the Debian package's
 DROPIN_NAME = "oomguard.conf"
 DEFAULT_EXEC = "/usr/bin/oomguard"
 AUTO = -1  # apply_layout(app_uid=AUTO): look the app user up
@@ -314,6 +315,10 @@ def apply_layout(
             out.write(f"created {cgroups.path(config.layout.app_cgroup)} with memory.max={steps[-1].value}\n")
         return steps
     files = render_units(config, ram, uid, exec_start=exec_start or default_exec())
+    if root is None and os.path.exists(VENDOR_UNIT):
+        # The package's unit stays in charge; a drop-in, not a copy, changes it.
+        del files[f"{UNIT_DIR}/oomguard.service"]
+        out.write(f"# the daemon's unit is the package's {VENDOR_UNIT}\n")
     if uid is None:
         out.write(f"# note: user {config.layout.app_user!r} does not exist; no user slice drop-in\n")
     if dry_run:
