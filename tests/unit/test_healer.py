@@ -25,8 +25,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from oomguard.config import Check, Config, HealerConfig, LayoutConfig, Service, Window
-from oomguard.healer import healer
-from oomguard.healer import probes as health
+from oomguard.healer import commands, healer, health, probe_base
 from oomguard.host import cgroups, procfs
 from oomguard.host import statefile as state
 from oomguard.host.procfs import Proc
@@ -69,7 +68,7 @@ class Scripted:
         self.up = True
 
     def __call__(self, chk, cancel):
-        return health.ProbeResult(self.up, "200" if self.up else "connection refused")
+        return probe_base.ProbeResult(self.up, "200" if self.up else "connection refused")
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +114,7 @@ class Rig:
         self.restarts.append((self.clock.boot, list(argv), kw))
         if self.on_restart:
             self.on_restart()
-        return health.CommandResult(0, False, "")
+        return commands.CommandResult(0, False, "")
 
     def healer(self, boot_id: str = BOOT, **kw) -> healer.Healer:
         monitor = health.HealthMonitor(self.config.healer.checks, self.probe, threaded=False)
@@ -511,7 +510,7 @@ def test_restart_tries_survive_a_daemon_restart(rig):
 def test_restart_in_the_background_with_real_commands(tmp_path):
     marker = tmp_path / "restarted"
     rig = Rig(tmp_path, services=(Service("svc", ("sh", "-c", f"echo $$ > {marker}")),))
-    h = rig.healer(background=True, run_command=health.run_command)
+    h = rig.healer(background=True, run_command=commands.run_command)
     down_at(rig, h)
     rig.step(h, 180)
     deadline = time.monotonic() + 20

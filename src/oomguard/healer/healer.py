@@ -41,7 +41,7 @@ from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from oomguard.config import Config, HealerConfig, login_uid_range
-from oomguard.healer import probes as health
+from oomguard.healer import commands, health
 from oomguard.healer.grace import Clock, Incident, backoff_delays, choose_window
 from oomguard.healer.grace import fmt_duration as _fmt_duration
 from oomguard.healer.kill import KILLED_BY_HEALER, Handle, Kill, Killer, is_database, tell_tty
@@ -112,7 +112,7 @@ class Healer:
         monitor: Monitor | None = None,
         app_cgroup: str | None = None,
         processes: Callable[[], Iterable[procfs.Proc]] = procfs.iter_processes,
-        run_command: Callable[..., health.CommandResult] = health.run_command,
+        run_command: Callable[..., commands.CommandResult] = commands.run_command,
         background: bool = True,
         tick_interval: float = 0.5,
         kill_timeout: float = 10.0,
