@@ -24,8 +24,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from oomguard.config import Check, Config, HealerConfig, LayoutConfig, Service, Window
-from oomguard.healer import commands, healer, health, probe_base
+from oomguard.config import (
+    Check,
+    Config,
+    HealerConfig,
+    LayoutConfig,
+    Service,
+    Window,
+    login_uid_range,
+)
+from oomguard.forensics.metrics import Metrics
+from oomguard.healer import commands, grace, guard, healer, health, killer, probe_base, tty
 from oomguard.host import cgroups, procfs
 from oomguard.host import statefile as state
 from oomguard.host.procfs import Proc
@@ -86,7 +95,7 @@ class Rig:
         self.clock = FakeClock(wall if wall is not None else at(12, 0))
         self.probe = Scripted()
         self.events: list[tuple[str, dict, list[int]]] = []
-        self.metrics: list[tuple[str, float, dict]] = []
+        self.metrics = Metrics()  # the real exporter's figures, read back with gauge()
         self.restarts: list[tuple[float, list[str], dict]] = []
         self.on_restart = None
         self.registry = RunRegistry(tmp_path / "runs.json", boot_id=BOOT)
@@ -107,9 +116,6 @@ class Rig:
     def emit(self, kind, data, uids):
         self.events.append((kind, data, uids))
 
-    def metric(self, name, value, labels):
-        self.metrics.append((name, value, labels))
-
     def run_command(self, argv, timeout, **kw):
         self.restarts.append((self.clock.boot, list(argv), kw))
         if self.on_restart:
@@ -125,7 +131,7 @@ class Rig:
             background=False,
             processes=lambda: [],
             run_command=self.run_command,
-            metric=self.metric,
+            hooks=self.metrics,
             kill_timeout=5.0,
         )
         args.update(kw)
@@ -138,6 +144,9 @@ class Rig:
         for _ in range(int(round(seconds / dt))):
             self.clock.advance(dt)
             h.tick()
+
+    def gauge(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
 
     def actions(self, name: str | None = None) -> list[dict]:
         out = [d for k, d, _ in self.events if k == "healer"]
@@ -257,26 +266,26 @@ def cfg(**kw) -> HealerConfig:
     ],
 )
 def test_window_table_wraps_midnight(hh, mm, expected):
-    c = healer.choose_window(cfg(), at(hh, mm))
+    c = grace.choose_window(cfg(), at(hh, mm))
     assert (c.name, c.grace) == expected
 
 
 def test_window_table_several_windows():
     lunch = Window(dtime(12, 0), dtime(13, 30), 60.0)
     c = cfg(windows=(NIGHT, lunch))
-    assert healer.choose_window(c, at(12, 15)).grace == 60.0
-    assert healer.choose_window(c, at(13, 30)).grace == 180.0
-    assert healer.choose_window(c, at(23, 30)).grace == 900.0
+    assert grace.choose_window(c, at(12, 15)).grace == 60.0
+    assert grace.choose_window(c, at(13, 30)).grace == 180.0
+    assert grace.choose_window(c, at(23, 30)).grace == 900.0
 
 
 def test_window_no_windows_means_default():
-    assert healer.choose_window(cfg(windows=()), at(3, 0)).name == "default"
+    assert grace.choose_window(cfg(windows=()), at(3, 0)).name == "default"
 
 
 def test_window_timezone_is_applied():
     c = cfg(timezone="Asia/Tokyo")  # UTC+9, no DST
-    assert healer.choose_window(c, at(14, 30)).name == "23:00-07:00"  # 23:30 in Tokyo
-    assert healer.choose_window(c, at(22, 30)).name == "default"  # 07:30 in Tokyo
+    assert grace.choose_window(c, at(14, 30)).name == "23:00-07:00"  # 23:30 in Tokyo
+    assert grace.choose_window(c, at(22, 30)).name == "default"  # 07:30 in Tokyo
 
 
 def utc(y, mo, d, hh, mm) -> float:
@@ -299,23 +308,23 @@ def utc(y, mo, d, hh, mm) -> float:
     ],
 )
 def test_window_on_dst_days_in_amsterdam(instant, expected):
-    assert healer.choose_window(cfg(timezone="Europe/Amsterdam"), instant).name == expected
+    assert grace.choose_window(cfg(timezone="Europe/Amsterdam"), instant).name == expected
 
 
 def test_window_in_the_repeated_and_the_skipped_hour():
     two_to_three = Window(dtime(2, 0), dtime(3, 0), 42.0)
     c = cfg(timezone="Europe/Amsterdam", windows=(two_to_three,))
     # 02:30 happens twice on 2024-10-27: both are in the window
-    assert healer.choose_window(c, utc(2024, 10, 27, 0, 30)).grace == 42.0
-    assert healer.choose_window(c, utc(2024, 10, 27, 1, 30)).grace == 42.0
+    assert grace.choose_window(c, utc(2024, 10, 27, 0, 30)).grace == 42.0
+    assert grace.choose_window(c, utc(2024, 10, 27, 1, 30)).grace == 42.0
     # 02:00-03:00 does not exist on 2024-03-31: 01:59 CET then 03:00 CEST
-    assert healer.choose_window(c, utc(2024, 3, 31, 0, 59)).grace == 180.0
-    assert healer.choose_window(c, utc(2024, 3, 31, 1, 0)).grace == 180.0
+    assert grace.choose_window(c, utc(2024, 3, 31, 0, 59)).grace == 180.0
+    assert grace.choose_window(c, utc(2024, 3, 31, 1, 0)).grace == 180.0
 
 
 def test_backoff_doubles_up_to_the_cap():
     c = cfg(restart_backoff=5.0, restart_backoff_max=30.0, restart_tries=6)
-    assert healer.backoff_delays(c) == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
+    assert grace.backoff_delays(c) == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
 
 
 # ---------------------------------------------------------------- the clock
@@ -538,7 +547,7 @@ def test_full_incident_kills_the_protected_run_and_restarts(rig, procs):
     term = rig.actions("term")
     assert term and term[0]["run"] == run.id and sorted(term[0]["pids"]) == sorted([p.pid, child])
     assert alive(p.pid) and alive(child)  # they ignore SIGTERM
-    assert rig.registry.get(run.id).end_reason == healer.KILLED_BY_HEALER
+    assert rig.registry.get(run.id).end_reason == killer.KILLED_BY_HEALER
     rig.step(h, 10)  # term_timeout
     deadline = time.monotonic() + 10
     while h.incident is not None and h.incident.phase == "killing":
@@ -555,7 +564,7 @@ def test_full_incident_kills_the_protected_run_and_restarts(rig, procs):
     ] == [[NOBODY]]
     # the reaper records the end (and emits run_end) with the healer's reason
     (ended,) = [r for r in rig.registry.reap() if r.id == run.id]
-    assert not ended.active and ended.end_reason == healer.KILLED_BY_HEALER
+    assert not ended.active and ended.end_reason == killer.KILLED_BY_HEALER
     assert rig.restarts
     rig.step(h, 1)
     assert h.incident is None
@@ -583,7 +592,7 @@ def test_kill_run_sigterm_is_enough_for_a_polite_run(rig, procs):
     rec = h.kill_run(run.id)
     assert rec["action"] == "killed"
     assert p.wait(5) == -signal.SIGTERM
-    assert rig.registry.get(run.id).end_reason == healer.KILLED_BY_HEALER
+    assert rig.registry.get(run.id).end_reason == killer.KILLED_BY_HEALER
 
 
 def test_kill_run_escalates_to_sigkill(tmp_path, procs):
@@ -595,7 +604,7 @@ def test_kill_run_escalates_to_sigkill(tmp_path, procs):
     assert rec["action"] == "killed", rec
     assert p.wait(5) == -signal.SIGKILL
     assert wait_dead(child)
-    assert [r.end_reason for r in rig.registry.reap()] == [healer.KILLED_BY_HEALER]
+    assert [r.end_reason for r in rig.registry.reap()] == [killer.KILLED_BY_HEALER]
     assert rig.events[-1][2] == [NOBODY]
 
 
@@ -726,14 +735,14 @@ def fake_proc(
 
 
 def test_database_is_recognised_by_its_system_executable():
-    assert healer.is_database(fake_proc(1, 105, exe="/usr/sbin/mariadbd"))
-    assert healer.is_database(fake_proc(1, 105, exe="/usr/sbin/mysqld (deleted)"))
-    assert not healer.is_database(fake_proc(1, 1000, exe="/home/app/mariadbd"))  # a user's copy
-    assert not healer.is_database(fake_proc(1, 1000, exe="/usr/bin/php8.2", comm="mariadbd"))
+    assert guard.is_database(fake_proc(1, 105, exe="/usr/sbin/mariadbd"))
+    assert guard.is_database(fake_proc(1, 105, exe="/usr/sbin/mysqld (deleted)"))
+    assert not guard.is_database(fake_proc(1, 1000, exe="/home/app/mariadbd"))  # a user's copy
+    assert not guard.is_database(fake_proc(1, 1000, exe="/usr/bin/php8.2", comm="mariadbd"))
 
 
 def test_selection_of_protected_processes_outside_runs(rig):
-    lo, _ = healer.login_uid_range()
+    lo, _ = login_uid_range()
     fakes = [
         fake_proc(101, 0),  # root
         fake_proc(102, 105, exe="/usr/sbin/mariadbd"),  # the database
@@ -839,7 +848,7 @@ def test_tell_tty_never_blocks_on_a_full_terminal():
             pass
         result = []
         t = threading.Thread(
-            target=lambda: result.append(healer.tell_tty(name, NOBODY, "hello")), daemon=True
+            target=lambda: result.append(tty.tell_tty(name, NOBODY, "hello")), daemon=True
         )
         t.start()
         t.join(10)
@@ -852,8 +861,8 @@ def test_tell_tty_never_blocks_on_a_full_terminal():
 def test_tell_tty_refuses_paths_that_are_not_terminals(tmp_path):
     f = tmp_path / "file"
     f.write_text("")
-    assert not healer.tell_tty(str(f), 0, "x")
-    assert not healer.tell_tty("/dev/pts/../../etc/passwd", 0, "x")
+    assert not tty.tell_tty(str(f), 0, "x")
+    assert not tty.tell_tty("/dev/pts/../../etc/passwd", 0, "x")
     assert f.read_text() == ""
 
 
@@ -941,7 +950,7 @@ def test_livelock_is_reported_at_once(rig, fake_cgroupfs):
     assert st["active"] is True and st["since"] == pytest.approx(rig.clock.wall_now)
     ev = [(d, u) for k, d, u in rig.events if k == "oom_livelock"]
     assert len(ev) == 1 and ev[0][0]["state"] == "started" and ev[0][0]["oom_kill"] == 7
-    assert ("oomguard_healer_livelock", 1.0, {"cgroup": "/app"}) in rig.metrics
+    assert rig.gauge("oomguard_healer_livelock", cgroup="/app") == 1.0
     for oom in (1000, 1300):  # still stuck: no second event
         write_events(fake_cgroupfs, oom=oom, oom_kill=7)
         rig.clock.advance(0.5)
@@ -953,7 +962,7 @@ def test_livelock_is_reported_at_once(rig, fake_cgroupfs):
     ev = [d for k, d, _ in rig.events if k == "oom_livelock"]
     assert [d["state"] for d in ev] == ["started", "ended"]
     assert h.status()["livelock"]["active"] is False
-    assert rig.metrics[-5:].count(("oomguard_healer_livelock", 0.0, {"cgroup": "/app"})) >= 1
+    assert rig.gauge("oomguard_healer_livelock", cgroup="/app") == 0.0
 
 
 def test_ooms_with_kills_are_not_a_livelock(rig, fake_cgroupfs):

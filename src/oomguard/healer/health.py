@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from oomguard.config import Check
 from oomguard.healer.probe_base import Cancel, ProbeResult
@@ -64,6 +65,19 @@ class CheckState:
     @property
     def down(self) -> bool:
         return self.failures >= self.check.failures
+
+
+class Monitor(Protocol):
+    """What the healer needs of a HealthMonitor (tests may script one)."""
+
+    def poll(self, now: float) -> list[Observation]: ...
+    def probe_soon(self) -> None: ...
+    def close(self) -> None: ...
+    def down(self) -> bool: ...
+    def down_checks(self) -> list[str]: ...
+    def down_since(self) -> float | None: ...
+    def healthy(self) -> bool: ...
+    def status(self) -> dict[str, dict]: ...
 
 
 class HealthMonitor:
