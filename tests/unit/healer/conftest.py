@@ -7,6 +7,9 @@ import threading
 import time
 
 import pytest
+from healer_rig import Procs, Rig
+
+from oomguard.host import cgroups
 
 
 @pytest.fixture
@@ -35,3 +38,24 @@ def http_server():
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fake_cgroupfs(tmp_path, monkeypatch):
+    """No test touches the host's cgroupfs: the healer sees this tree."""
+    root = tmp_path / "cgroupfs"
+    (root / "app").mkdir(parents=True)
+    monkeypatch.setattr(cgroups, "ROOT", root)
+    return root
+
+
+@pytest.fixture
+def rig(tmp_path):
+    return Rig(tmp_path)
+
+
+@pytest.fixture
+def procs():
+    p = Procs()
+    yield p
+    p.close()
