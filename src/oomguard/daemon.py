@@ -34,7 +34,8 @@ from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import Run, RunRegistry
-from oomguard.telemetry.liveness import Liveness
+from oomguard.telemetry.liveness import Liveness, TickWatch
+from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("oomguard.events")  # one line per stored event
@@ -119,7 +120,7 @@ class Daemon:
             self.record,
             is_exempt=self.is_exempt,
             nonessential_pids=self.nonessential_pids,
-            metric=self.on_metric,
+            hooks=TickWatch(self.metrics, self.liveness),  # the watchdog follows the tick
             app_cgroup=self.app_cgroup,
         )
         self.oomwatch = oomwatch.OomWatcher(cfg.events.kmsg, self.store, self.registry, self.metrics)
@@ -149,23 +150,14 @@ class Daemon:
         """Store an event before returning: the healer relies on its events
         being committed before its state file names them."""
         self.store.add(kind, data, uids=list(uids))
-        if kind == "healer" or kind == "storm":
-            self.metrics.healer_action(str(data.get("action", kind)))
-
-    def on_metric(self, name: str, value: float, labels: dict) -> None:
-        if name == "oomguard_healer_tick_seconds":  # published once per finished tick
-            self.liveness.tick()
-        elif name == "oomguard_healer_downtime_seconds":
-            self.metrics.set_downtime(value)
-        elif name == "oomguard_healer_livelock":
-            self.metrics.set_livelock(bool(value))
 
     def on_grant(self, run: Run) -> None:
         self.metrics.grant()
         self.emit("grant", run_view(run), [run.uid])
 
     def on_refusal(self, peer: Peer, reason: str, message: str) -> None:
-        self.metrics.refusal(reason)
+        # The adapter from the broker's reason string to the shared enum.
+        self.metrics.refusal(RefusalReason.parse(reason))
         self.emit("refusal", {"uid": peer.uid, "user": peer.user, "pid": peer.pid,
                               "reason": reason, "message": message}, [peer.uid])  # fmt: skip
 

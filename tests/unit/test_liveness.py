@@ -109,3 +109,27 @@ def test_the_thread_beats_a_third_of_the_period_and_stops(notify_socket):
         stop.set()
         t.join(5)
     assert not t.is_alive()
+
+
+def test_the_healers_tick_reaches_both_the_exporter_and_the_watchdog(notify_socket):
+    from oomguard.telemetry.hooks import NO_HOOKS
+    from oomguard.telemetry.liveness import TickWatch
+
+    path, _ = notify_socket
+    now = [0.0]
+    live = Liveness(Notifier(env(path)), clock=lambda: now[0])
+    seen = []
+
+    class Exporter(type(NO_HOOKS)):
+        def set_tick_seconds(self, seconds: float) -> None:
+            seen.append(("tick", seconds))
+
+        def set_downtime(self, seconds: float) -> None:
+            seen.append(("downtime", seconds))
+
+    hooks = TickWatch(Exporter(), live)
+    now[0] = 100.0
+    assert not live.alive()
+    hooks.set_tick_seconds(0.25)
+    hooks.set_downtime(42.0)
+    assert live.alive() and seen == [("tick", 0.25), ("downtime", 42.0)]

@@ -23,6 +23,8 @@ from oomguard.forensics.metrics import (
     cgroup_label,
     parse_listen,
 )
+from oomguard.telemetry.hooks import Hooks
+from oomguard.telemetry.reasons import RefusalReason
 
 RULES = Path(__file__).resolve().parents[2] / "contrib" / "prometheus" / "oomguard-rules.yml"
 
@@ -60,6 +62,10 @@ def test_every_metric_is_exposed_with_help_and_type() -> None:
         "oomguard_protect_refusals",
         "oomguard_protected_processes",
         "oomguard_healer_downtime_seconds",
+        "oomguard_healer_down",
+        "oomguard_healer_tick_seconds",
+        "oomguard_healer_oom_kills_per_second",
+        "oomguard_healer_livelock",
         "oomguard_healer_actions",
         "oomguard_app_memory_current_bytes",
         "oomguard_app_memory_limit_bytes",
@@ -132,12 +138,16 @@ def test_refusal_reasons_are_a_fixed_set() -> None:
     for reason in REFUSAL_REASONS:
         assert value(m, "oomguard_protect_refusals_total", reason=reason) == 0
     m.refusal("not_allowed")
-    m.refusal("made up by a client")
+    m.refusal(RefusalReason.GONE)
+    m.refusal("made up by a client")  # counted as the catch-all member, never as a new label
     assert value(m, "oomguard_protect_refusals_total", reason="not_allowed") == 1
-    assert value(m, "oomguard_protect_refusals_total", reason="other") == 1
+    assert value(m, "oomguard_protect_refusals_total", reason="gone") == 1
+    assert value(m, "oomguard_protect_refusals_total", reason="refused") == 1
     assert {
         dict(k[1]).get("reason") for k in samples(m) if k[0] == "oomguard_protect_refusals_total"
     } == set(REFUSAL_REASONS)
+    # the label values are the broker's enum: all its members, nothing else
+    assert set(REFUSAL_REASONS) == {r.value for r in RefusalReason}
 
 
 def test_healer_actions_are_bounded() -> None:
@@ -177,6 +187,14 @@ def test_gauges() -> None:
     m.set_app_memory(None, None)
     assert value(m, "oomguard_oom_livelock") == 0
     assert math.isnan(value(m, "oomguard_app_memory_limit_bytes"))
+
+
+def test_metrics_implements_every_hook() -> None:
+    assert isinstance(Metrics(), Hooks)
+    hooks = {n for n in vars(Hooks) if not n.startswith("_")}
+    assert hooks and all(callable(getattr(Metrics, n, None)) for n in hooks)
+    # each one overridden by Metrics itself, not inherited as a no-op
+    assert hooks <= set(vars(Metrics)), hooks - set(vars(Metrics))
 
 
 def test_instances_do_not_share_a_registry() -> None:

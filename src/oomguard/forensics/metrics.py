@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from oomguard import __version__
 from oomguard.config import parse_listen  # the one check, shared with `config check`
+from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ if hasattr(prometheus_client, "disable_created_metrics"):
     prometheus_client.disable_created_metrics()
 
 OTHER = "other"
-# Why the broker said no; anything else is counted as "other".
-REFUSAL_REASONS = ("not_allowed", "limit", "busy", "invalid", "unavailable", "error", OTHER)
+# Why the broker said no: the label values, every one exported from the start.
+REFUSAL_REASONS = tuple(r.value for r in RefusalReason)
 MAX_ACTIONS = 16  # distinct healer action labels before "other"
 _ACTION = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _TRACKED_MAX = 1000  # names whose counts we remember, to rank them
@@ -124,8 +125,8 @@ class _OomKills(Collector):
 
 
 class Metrics:
-    """All of oomguard's metrics. Methods never raise on odd input: a metric
-    is not worth a daemon crash."""
+    """All of oomguard's metrics; implements telemetry.hooks.Hooks. Methods
+    never raise on odd input: a metric is not worth a daemon crash."""
 
     def __init__(self, top_comms: int = 20):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -141,7 +142,7 @@ class Metrics:
         )
         self._livelock = Gauge(
             "oomguard_oom_livelock",
-            "1 while the kernel reports OOMs with nothing killable.",
+            "1 while the kernel log reports OOMs with nothing killable (the last report under 30 s ago).",
             registry=r,
         )
         self._grants = Counter("oomguard_protect_grants", "Protected runs granted.", registry=r)
@@ -159,6 +160,25 @@ class Metrics:
         self._downtime = Gauge(
             "oomguard_healer_downtime_seconds",
             "How long the app's health checks have been failing (0 when healthy).",
+            registry=r,
+        )
+        self._down = Gauge(
+            "oomguard_healer_down",
+            "1 while the app's health checks have the shop down (an incident not yet recovered).",
+            registry=r,
+        )
+        self._tick = Gauge(
+            "oomguard_healer_tick_seconds", "How long the healer's last tick took.", registry=r
+        )
+        self._kill_rate = Gauge(
+            "oomguard_healer_oom_kills_per_second",
+            "OOM kills per second in the app cgroup over about the last second (memory.events).",
+            registry=r,
+        )
+        self._healer_livelock = Gauge(
+            "oomguard_healer_livelock",
+            "1 while the app cgroup's oom count climbs and oom_kill stays put (memory.events).",
+            ["cgroup"],
             registry=r,
         )
         self._actions = Counter(
@@ -204,17 +224,30 @@ class Metrics:
     def grant(self) -> None:
         self._grants.inc()
 
-    def refusal(self, reason: str) -> None:
-        if reason not in REFUSAL_REASONS:
-            log.debug("metrics: refusal reason %r counted as other", reason)
-            reason = OTHER
-        self._refusals.labels(reason).inc()
+    def refusal(self, reason: RefusalReason | str) -> None:
+        label = RefusalReason.parse(reason)
+        if label != reason:
+            log.debug("metrics: refusal reason %r counted as %s", reason, label)
+        self._refusals.labels(label.value).inc()
 
     def set_protected(self, n: int) -> None:
         self._protected.set(max(0, int(n)))
 
     def set_downtime(self, seconds: float) -> None:
         self._downtime.set(max(0.0, float(seconds)))
+
+    def set_healer_down(self, down: bool) -> None:
+        self._down.set(1 if down else 0)
+
+    def set_tick_seconds(self, seconds: float) -> None:
+        self._tick.set(max(0.0, float(seconds)))
+
+    def set_oom_kill_rate(self, per_second: float) -> None:
+        self._kill_rate.set(max(0.0, float(per_second)))
+
+    def set_healer_livelock(self, cgroup: str, active: bool) -> None:
+        # One series: the healer watches one app cgroup.
+        self._healer_livelock.labels(str(cgroup)).set(1 if active else 0)
 
     def healer_action(self, action: str) -> None:
         if not _ACTION.match(action or ""):

@@ -5,6 +5,13 @@ the protected runs that were alive at that moment, so an app user can see
 "your import was running when php-fpm was killed". The kmsg position is
 stored in the same transaction as the event, so a restart neither loses nor
 repeats a report.
+
+The watcher is the one writer of the livelock gauge (``set_livelock``): the
+kernel's own "Out of memory and no killable processes", in any cgroup,
+whether or not the healer runs. It turns 1 at the first such report (not
+only once the ring is drained, which a livelock flood can delay) and back
+to 0 once none came for LivelockTracker's ``clear_after``. The storm
+guard's memory.events verdict on the app cgroup is a figure of its own.
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ from collections.abc import Callable
 
 from oomguard.forensics import oomreport
 from oomguard.forensics.events import EventStore
-from oomguard.forensics.metrics import Metrics
 from oomguard.host import kmsg
 from oomguard.runs.registry import RunRegistry
+from oomguard.telemetry.hooks import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +39,12 @@ class OomWatcher:
         path: str,
         store: EventStore,
         registry: RunRegistry,
-        metrics: Metrics | None = None,
+        hooks: Hooks = NO_HOOKS,
         on_event: Callable[[str, dict], None] | None = None,
     ):
         self.store = store
         self.registry = registry
-        self.metrics = metrics
+        self.hooks = hooks
         self.on_event = on_event
         self.parser = oomreport.OomParser()
         self.livelocks = oomreport.LivelockTracker()
@@ -47,7 +54,7 @@ class OomWatcher:
             self.on_record,
             int(seq) if seq and seq.isdigit() else None,
             store.get_state("kmsg.boot_id"),
-            on_lost=metrics.kmsg_lost if metrics else None,
+            on_lost=hooks.kmsg_lost,
             on_idle=self.on_idle,
         )
 
@@ -71,8 +78,7 @@ class OomWatcher:
 
     def on_idle(self) -> None:
         self.handle(self.parser.expire(kmsg.now_usec()), self.follower.last_seq)
-        if self.metrics:
-            self.metrics.set_livelock(self.livelocks.active(time.monotonic()))
+        self.hooks.set_livelock(self.livelocks.active(time.monotonic()))
 
     def handle(self, events: list, seq: int | None) -> None:
         for ev in events:
@@ -89,17 +95,17 @@ class OomWatcher:
             if kind == "oom_kill":
                 if ev.victim_uid is not None:
                     uids.add(ev.victim_uid)
-                if self.metrics:
-                    self.metrics.oom_kill(ev.victim_comm, ev.task_memcg or ev.oom_memcg)
+                self.hooks.oom_kill(ev.victim_comm, ev.task_memcg or ev.oom_memcg)
                 log.warning(
                     "kernel OOM kill: pid=%s comm=%s uid=%s memcg=%s, protected runs alive: %s",
                     ev.victim_pid, ev.victim_comm, ev.victim_uid, ev.oom_memcg,
                     [r["id"] for r in runs] or "none",
                 )  # fmt: skip
             elif kind == "oom_livelock":
-                if self.metrics:
-                    self.metrics.oom_livelock()
-                if not self.livelocks.seen(ev, time.monotonic()):
+                self.hooks.oom_livelock()
+                seen = self.livelocks.seen(ev, time.monotonic())
+                self.hooks.set_livelock(True)
+                if not seen:
                     continue  # one stored per cgroup per minute; the kernel repeats it
                 data["suppressed_repeats"] = self.livelocks.take_suppressed(ev.oom_memcg)
             state = None

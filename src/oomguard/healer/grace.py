@@ -1,17 +1,16 @@
 """When the healer may act: the downtime clock and the grace windows.
 
-An outage is one ``Incident``, timed on CLOCK_BOOTTIME (it keeps counting
-through suspend and never jumps) together with the boot id, so a persisted
-incident survives a daemon restart and ignores wall-clock jumps. Wall time
-only picks the window: the time-of-day window in force, in the configured
-zoneinfo timezone, when the outage began sets its grace. After the kill, the
-restart tries wait a doubling back-off.
+An outage (incident.Incident) is timed on CLOCK_BOOTTIME: it keeps counting
+through suspend and never jumps. Wall time only picks the window: the
+time-of-day window in force, in the configured zoneinfo timezone, when the
+outage began sets its grace. After the kill, the restart tries wait a
+doubling back-off.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from datetime import time as dtime
 from zoneinfo import ZoneInfo
@@ -28,28 +27,6 @@ class Clock:
 
     def wall(self) -> float:
         return time.time()
-
-
-@dataclass
-class Incident:
-    """One down period, persisted. Times are CLOCK_BOOTTIME seconds of the
-    boot named by boot_id; start_wall only chose the window."""
-
-    boot_id: str
-    start: float
-    start_wall: float
-    window: str
-    grace: float
-    checks: list[str] = field(default_factory=list)
-    phase: str = "waiting"  # waiting terminating killing restarting verifying gave_up dry_run idle
-    tries: int = 0
-    deadline: float | None = None
-    recovered: float | None = None
-    killed: list[int] = field(default_factory=list)
-
-    def elapsed(self, now: float) -> float:
-        end = self.recovered if self.recovered is not None else now
-        return max(0.0, end - self.start)
 
 
 # ---------------------------------------------------------------- windows

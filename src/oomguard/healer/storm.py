@@ -7,16 +7,17 @@ rate and the oom rate over about the last second:
 - an OOM-kill *storm* (``storm_kills_per_second`` or more) makes it SIGKILL
   the policy's non-essential app processes, at most once a second, unless
   ``permissive``; protected processes are left to the grace. Each one is
-  pinned by a pidfd through kill.Killer, so the never-kill rules are checked
+  pinned by a pidfd through guard.Guard, so the never-kill rules are checked
   right before its signal;
 - a *livelock*, ``oom`` climbing while ``oom_kill`` stays put (only
   unkillable tasks are left), is reported at once as an event, a metric and
   in the status. It does not shorten the grace: that decides when the healer
-  acts.
+  acts. This is the app cgroup's own verdict (``oomguard_healer_livelock``);
+  the kernel log's (``oomguard_oom_livelock``) is forensics/oomwatch.py's.
 
 Events go through the injected ``record(kind, data, uids)`` (the healer keeps
-them for its status and stores them), gauges through ``metric(name, value,
-**labels)``.
+them for its status and stores them), figures through the typed hooks: this
+class is the only writer of the kill rate and of the app cgroup's livelock.
 """
 
 from __future__ import annotations
@@ -27,23 +28,23 @@ import signal
 from collections.abc import Callable, Iterable
 
 from oomguard.config import HealerConfig
+from oomguard.config.policy import OOM_SCORE_ADJ_MIN
+from oomguard.healer.actions import decide
 from oomguard.healer.grace import fmt_duration
-from oomguard.healer.kill import OOM_SCORE_ADJ_MIN, Killer
+from oomguard.healer.guard import Guard
 from oomguard.host import cgroups, procfs
 from oomguard.runs.registry import RunRegistry
+from oomguard.telemetry.hooks import NO_HOOKS, Hooks
 
-# The healer's logger: the storm guard acts for the healer, and the journal
-# names it so.
 log = logging.getLogger(__name__)
 
 RecordFn = Callable[[str, dict, Iterable[int]], None]
-MetricFn = Callable[..., None]  # metric(name, value, **labels)
 
 
 class StormWatch:
     """See the module docstring. ``app_cgroup`` is the cgroup watched (none:
     nothing is watched); ``registry`` tells which processes are protected
-    runs; ``killer`` pins and vets every process before its signal;
+    runs; ``guard`` pins and vets every process before its signal;
     ``wall()`` is wall time, for the livelock's start."""
 
     def __init__(
@@ -51,19 +52,19 @@ class StormWatch:
         cfg: HealerConfig,
         app_cgroup: str | None,
         registry: RunRegistry,
-        killer: Killer,
+        guard: Guard,
         nonessential_pids: Callable[[], list[int]],
         record: RecordFn,
-        metric: MetricFn,
         wall: Callable[[], float],
+        hooks: Hooks = NO_HOOKS,
     ):
         self.cfg = cfg
         self.app_cgroup = app_cgroup
         self.registry = registry
-        self.killer = killer
+        self.guard = guard
         self.nonessential_pids = nonessential_pids
         self._record = record
-        self._metric = metric
+        self._hooks = hooks
         self._wall = wall
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
         self.kill_rate = 0.0
@@ -74,9 +75,7 @@ class StormWatch:
         self.livelock_wall: float | None = None
 
     def _decide(self, message: str, *args: object) -> None:
-        """Log one decision with its reason (dry-run prefixes it)."""
-        prefix = "dry-run: " if self.cfg.dry_run else ""
-        log.warning(prefix + message, *args)
+        decide(log, self.cfg.dry_run, message, *args)
 
     def watch(self, now: float) -> None:
         """One sample at ``now`` (CLOCK_BOOTTIME seconds), then act on it."""
@@ -104,6 +103,7 @@ class StormWatch:
         self.oom_rate = (oom - base[1]) / span
         self._storm(now)
         self._livelock(now)
+        self._publish()
 
     # ------------------------------------------------------------ storm guard
 
@@ -150,14 +150,14 @@ class StormWatch:
                 skipped[str(pid)] = "protected: the grace decides"
                 continue
             if self.cfg.dry_run:
-                why = self.killer.refusal(proc)
+                why = self.guard.refusal(proc)
                 if why:
                     skipped[str(pid)] = why
                 else:
                     killed.append({"pid": pid, "comm": proc.comm, "uid": proc.uid})
                     uids.add(proc.uid)
                 continue
-            handle, why = self.killer.pin(pid, proc.starttime)
+            handle, why = self.guard.pin(pid, proc.starttime)
             if handle is None:
                 if why not in ("gone", "zombie"):
                     skipped[str(pid)] = why or "?"
@@ -212,7 +212,6 @@ class StormWatch:
                 },
                 [r.uid for r in runs],
             )
-            self._metric("oomguard_healer_livelock", 1, cgroup=self.app_cgroup)
         elif not stuck and self.livelock_since is not None and (o3 == o2 or k3 != k2):
             lasted = now - self.livelock_since
             self.livelock_since = self.livelock_wall = None
@@ -222,9 +221,15 @@ class StormWatch:
                 {"state": "ended", "cgroup": self.app_cgroup, "duration": round(lasted, 3)},
                 (),
             )
-            self._metric("oomguard_healer_livelock", 0, cgroup=self.app_cgroup)
 
     # ------------------------------------------------------------ status
+
+    def _publish(self) -> None:
+        try:
+            self._hooks.set_oom_kill_rate(self.kill_rate)
+            self._hooks.set_healer_livelock(self.app_cgroup or "", self.livelock_active)
+        except Exception:  # noqa: BLE001 - a broken metric must not stop the guard
+            log.exception("storm guard hooks failed")
 
     @property
     def livelock_active(self) -> bool:

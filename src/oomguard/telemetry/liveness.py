@@ -60,3 +60,19 @@ class Liveness:
             return
         while not stop.wait(self.period / 3):  # sd_watchdog_enabled(3): well within the period
             self.beat()
+
+
+class TickWatch:
+    """The healer's hooks, passed through, with each finished tick (its
+    ``set_tick_seconds``) also told to the liveness."""
+
+    def __init__(self, hooks: object, liveness: Liveness):
+        self._hooks = hooks
+        self._liveness = liveness
+
+    def set_tick_seconds(self, seconds: float) -> None:
+        self._liveness.tick()
+        self._hooks.set_tick_seconds(seconds)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._hooks, name)

@@ -15,3 +15,11 @@ class RefusalReason(StrEnum):
     INVALID = "invalid"  # malformed request
     ERROR = "error"  # the broker could not carry out the grant
     REFUSED = "refused"  # any other refusal of a query
+
+    @classmethod
+    def parse(cls, text: str) -> RefusalReason:
+        """The member named ``text``; REFUSED for anything else."""
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.REFUSED

@@ -1,176 +1,44 @@
-"""Ending protected runs, and never signalling what must survive.
+"""Ending protected runs: whom the healer targets, and ending one target.
 
-The never-kill rules (``Killer.refusal``): root's processes (any of
-real/effective/saved uid 0), the database, oomguard itself, and whatever the
-injected policy test ``is_exempt(proc)`` exempts. They are checked when a
-process is pinned by a pidfd and again right before every signal, so a pid
-reused meanwhile, or a process that has become untouchable, is never hit.
-
+``Killer.select_targets`` names every active run with live processes, plus
+the protected (-1000) processes of login users that belong to no run.
 Ending one target (``Kill``): SIGTERM, wait, SIGKILL of the run's *own*
 cgroup (cgroup.kill) or, for a run without one, of each process through its
-pidfd; confirm they are gone, end the run in the registry and tell its
+pidfd; confirm they are gone, end the run through its lifecycle and tell its
 terminal why. Each step is short, so the healer's tick can drive it;
-``Kill.at_once`` does all of it in one blocking call.
+``Kill.at_once`` does all of it in one blocking call. Every signal passes
+guard.Guard's never-kill rules right before it is sent.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
-import re
-import select
 import signal
-import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from oomguard.host import cgroups, procfs
+from oomguard.config.policy import OOM_SCORE_ADJ_MIN
+from oomguard.healer.guard import Guard, Handle
+from oomguard.healer.tty import tell_tty
+from oomguard.host import cgroups, procfs, users
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import Run, RunRegistry
 
-# The healer's logger: what is logged here is the healer's doing, and the
-# journal names it so.
 log = logging.getLogger(__name__)
 
-OOM_SCORE_ADJ_MIN = -1000
 KILLED_BY_HEALER = "killed by healer"
-# The database's server binaries, matched on the *executable path* (a user
-# cannot put files in these directories; comm alone could be forged).
-DB_BINARIES = frozenset({"mariadbd", "mysqld", "mariadbd-safe", "mysqld_safe"})
-SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/")
-TTY_PATH = re.compile(r"/dev/(pts/\d+|tty\d+|ttyS\d+)")
-
-
-# ---------------------------------------------------------------- pidfds
-
-
-def _pidfd_exited(fd: int) -> bool:
-    """A pidfd polls readable once its process has exited (zombies included)."""
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(0))
-
-
-@dataclass
-class Handle:
-    """One process pinned by a pidfd: signals go to it or to nobody."""
-
-    pid: int
-    starttime: int
-    fd: int
-    comm: str
-    uid: int
-    state: str
-
-    def exited(self) -> bool:
-        return self.fd < 0 or _pidfd_exited(self.fd)
-
-    def send(self, sig: int) -> bool:
-        try:
-            signal.pidfd_send_signal(self.fd, sig)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-# ---------------------------------------------------------------- the rules
-
-
-def is_database(proc: procfs.Proc) -> bool:
-    exe = (proc.exe or "").removesuffix(" (deleted)")
-    return os.path.basename(exe) in DB_BINARIES and exe.startswith(SYSTEM_DIRS)
 
 
 class Killer:
-    """What the healer may kill, and whom it targets: the never-kill rules,
-    pinning by pidfd, and the choice of targets. ``registry`` and
-    ``app_cgroup`` tell whose cgroup is a run's own."""
+    """Whom the healer ends. ``registry`` and ``app_cgroup`` tell whose
+    cgroup is a run's own; ``guard`` vets every process."""
 
-    def __init__(
-        self,
-        registry: RunRegistry,
-        app_cgroup: str | None,
-        is_exempt: Callable[[procfs.Proc], bool],
-    ):
+    def __init__(self, registry: RunRegistry, app_cgroup: str | None, guard: Guard):
         self.registry = registry
         self.app_cgroup = app_cgroup
-        self.is_exempt = is_exempt
-
-    def refusal(self, proc: procfs.Proc, uids: Sequence[int] | None = None) -> str | None:
-        """Why ``proc`` must not be signalled, or None if it may be."""
-        if proc.pid == os.getpid():
-            return "oomguard itself"
-        if proc.uid == 0 or (uids is not None and 0 in uids[:3]):
-            return "root's process"
-        if is_database(proc):
-            return "the database"
-        try:
-            if self.is_exempt(proc):
-                return "exempt by policy"
-        except Exception:  # noqa: BLE001 - when in doubt, do not kill
-            log.exception("is_exempt(%d) failed; treating it as exempt", proc.pid)
-            return "exemption check failed"
-        return None
-
-    def pin(
-        self, pid: int, expect_start: int | None, require_protected: bool = False
-    ) -> tuple[Handle | None, str | None]:
-        """A pidfd on ``pid`` if it is the process we mean and may be signalled.
-
-        Inspect, open the pidfd, then check that the pid still has the same
-        start time: the pidfd then refers to the inspected process for good,
-        and a later pid reuse cannot redirect a signal."""
-        proc = procfs.snapshot(pid)
-        if proc is None:
-            return None, "gone"
-        if proc.state == "Z":
-            return None, "zombie"
-        if expect_start is not None and proc.starttime != expect_start:
-            return None, "pid reused"
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return None, "gone"
-        try:
-            status = procfs.read_status(pid)
-            same = procfs.starttime_of(pid) == proc.starttime
-        except (*procfs.GONE, ValueError, PermissionError):
-            os.close(fd)
-            return None, "gone"
-        if not same:
-            os.close(fd)
-            return None, "pid reused"
-        why = self.refusal(proc, status.uids)
-        if why is None and require_protected and proc.oom_score_adj != OOM_SCORE_ADJ_MIN:
-            why = "no longer protected"
-        if why is not None:
-            os.close(fd)
-            return None, why
-        return Handle(pid, proc.starttime, fd, proc.comm, proc.uid, proc.state), None
-
-    def recheck(self, h: Handle) -> str | None:
-        """Right before a signal: the same process, and still one we may signal."""
-        if h.exited():
-            return "gone"
-        proc = procfs.snapshot(h.pid)
-        if proc is None or proc.starttime != h.starttime:
-            return "gone"
-        try:
-            uids = procfs.read_status(h.pid).uids
-        except (*procfs.GONE, ValueError, PermissionError):
-            return "gone"
-        why = self.refusal(proc, uids)
-        if why is not None:
-            log.warning("pid %d (%s) became %s; not signalling it", h.pid, proc.comm, why)
-        return why
+        self.guard = guard
 
     def select_targets(
         self, processes: Callable[[], Iterable[procfs.Proc]], uid_range: tuple[int, int]
@@ -189,7 +57,7 @@ class Killer:
                 continue
             if self.registry.run_of(proc.pid, proc.starttime, proc.cgroup) is not None:
                 continue
-            why = self.refusal(proc)
+            why = self.guard.refusal(proc)
             if why is None and not lo <= proc.uid <= hi:
                 why = f"uid {proc.uid} is not a login user"
             if why is not None:
@@ -197,7 +65,7 @@ class Killer:
                 continue
             orphans[proc.uid].append(proc)
         for uid, procs in sorted(orphans.items()):
-            targets.append(Kill(self, None, uid, _user_name(uid), procs))
+            targets.append(Kill(self, None, uid, users.name_of(uid) or str(uid), procs))
         return targets
 
 
@@ -251,7 +119,7 @@ class Kill:
         for pid, start in self._candidates():
             if any(h.pid == pid for h in self.handles.values()):
                 continue
-            handle, why = self.killer.pin(pid, start, require_protected=self.run is None)
+            handle, why = self.killer.guard.pin(pid, start, require_protected=self.run is None)
             if handle is None:
                 if why not in ("gone", "zombie"):
                     self.skipped[pid] = why or "?"
@@ -317,7 +185,7 @@ class Kill:
     def _signal(self, h: Handle, sig: int) -> bool:
         """Signal through the pidfd after the last-moment re-check; a process
         that has become untouchable (setuid root, exempt) is left alone."""
-        why = self.killer.recheck(h)
+        why = self.killer.guard.recheck(h)
         if why is None:
             return h.send(sig)
         if why != "gone":
@@ -330,7 +198,7 @@ class Kill:
             proc = procfs.snapshot(pid)
             if proc is None or proc.state == "Z":
                 continue
-            why = self.killer.refusal(proc)
+            why = self.killer.guard.refusal(proc)
             if why is not None:
                 self.skipped[pid] = why
                 return False
@@ -347,7 +215,7 @@ class Kill:
             proc = procfs.snapshot(pid)
             if proc is None or proc.state == "Z" or (start is not None and proc.starttime != start):
                 continue
-            if self.killer.refusal(proc) is None and (
+            if self.killer.guard.refusal(proc) is None and (
                 self.run is not None or proc.oom_score_adj == OOM_SCORE_ADJ_MIN
             ):
                 return False
@@ -425,42 +293,3 @@ class Kill:
         """Close the pidfds (on shutdown, with the kill unfinished)."""
         for h in self.handles.values():
             h.close()
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def tell_tty(path: str, uid: int, text: str, limit: int = 400) -> bool:
-    """Write one line to a run's terminal without ever blocking: O_NONBLOCK
-    (a stopped or full tty gives EAGAIN and we give up), O_NOCTTY (never
-    acquire it), one bounded write, and only to a terminal device that the
-    run's owner owns (the path comes from the registry, not from the user)."""
-    if not TTY_PATH.fullmatch(path):
-        return False
-    flags = os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISCHR(st.st_mode) or st.st_uid != uid:
-            return False
-        data = ("\r\n" + text.replace("\n", " ").strip()[:limit] + "\r\n").encode(
-            "utf-8", "replace"
-        )
-        os.write(fd, data)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
