@@ -40,6 +40,7 @@ class Service:
 class HealerConfig:
     enabled: bool = True
     grace: float = 180.0
+    warn_before: float = 60.0  # the second warning to run owners, before the grace ends
     timezone: str = "UTC"
     windows: tuple[Window, ...] = (Window(dtime(23, 0), dtime(7, 0), 900.0),)
     checks: tuple[Check, ...] = ()
@@ -146,6 +147,7 @@ def parse_healer(t: Table) -> HealerConfig:
     cfg = HealerConfig(
         enabled=t.get("enabled", kind=bool),
         grace=t.duration("grace"),
+        warn_before=t.duration("warn_before"),
         timezone=tz,
         windows=windows,
         checks=checks,

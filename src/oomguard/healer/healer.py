@@ -47,6 +47,7 @@ from oomguard.healer.killer import KILLED_BY_HEALER, Kill, Killer
 from oomguard.healer.response import Response
 from oomguard.healer.restart import Restarter
 from oomguard.healer.storm import StormWatch
+from oomguard.healer.warnings import RunWarnings
 from oomguard.host import procfs
 from oomguard.runs.registry import Run, RunRegistry
 from oomguard.telemetry.hooks import NO_HOOKS, Hooks
@@ -112,6 +113,7 @@ class Healer:
             self.cfg, self.app_cgroup, registry, guard, nonessential_pids,
             record=self.actions.record, wall=self.clock.wall, hooks=hooks,
         )  # fmt: skip
+        self.warnings = RunWarnings(self.cfg, registry.active, self.actions.record, self.clock.wall)
         self.ticks = 0
         self.last_tick_duration = 0.0
         self.max_tick_duration = 0.0
@@ -143,6 +145,7 @@ class Healer:
             self.storm.watch(now)
             if self.cfg.enabled:
                 self._track_incident(now)
+                self.warnings.update(now, self.incident)
                 if self.incident is not None:
                     self.response.advance(now, self.incident)
             self._publish(now)
@@ -206,6 +209,7 @@ class Healer:
                     "killed_runs": inc.killed,
                 },
             )
+            self.warnings.recovered(inc)
             self._save()
         if not inc.down and inc.phase not in BUSY:
             self.incident = None

@@ -42,6 +42,7 @@ MESSAGE_IDS: dict[str, str] = {
     "healer": "794ad3330adb461984bd6bcd2bc3fd5e",
     "storm": "e71020bc23eb48a2a86bb2d705415788",
     "oom_livelock": "79bbcb0ddfca4aa9b6e5244d47e1c9b3",
+    "warning": "a5b2876761e14580ae9ab4546c4c5a7a",
 }
 
 # logging level -> syslog priority
