@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from oomguard import __version__, config
-from oomguard.cli.client import DaemonError, request
+from oomguard.cli.client import DaemonError, events, request
 
 
 def _json(data: object) -> None:
@@ -164,8 +164,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise config.ConfigError(f"--since: {e}") from None
     kinds = args.kind or None
-    reply = request("events", _socket(args), since=since, kinds=kinds, limit=args.limit)
-    rows = reply["events"]
+    rows = events(_socket(args), since=since, kinds=kinds, limit=args.limit)
     if args.json:
         _json(rows)
         return 0

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from oomguard import __version__
 from oomguard.config import parse_listen  # the one check, shared with `config check`
+from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ if hasattr(prometheus_client, "disable_created_metrics"):
 
 OTHER = "other"
 # Why the broker said no; anything else is counted as "other".
-REFUSAL_REASONS = ("not_allowed", "limit", "busy", "invalid", "unavailable", "error", OTHER)
+REFUSAL_REASONS = (*(r.value for r in RefusalReason), OTHER)
 MAX_ACTIONS = 16  # distinct healer action labels before "other"
 _ACTION = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _TRACKED_MAX = 1000  # names whose counts we remember, to rank them
