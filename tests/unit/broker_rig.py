@@ -17,6 +17,7 @@ from pathlib import Path
 
 from oomguard import config
 from oomguard.broker import Broker, Granter
+from oomguard.daemon import Daemon
 from oomguard.runs.registry import RunRegistry
 
 NOBODY = 65534
@@ -66,6 +67,18 @@ class Rig:
             stop.set()
             t.join(5)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def in_process_daemon(rig: Rig) -> Daemon:
+    """A Daemon whose broker serves its real ops on the rig's socket; no
+    other thread of it runs, and its policy is not enforced."""
+    cfg = rig.protect_config()
+    cfg = replace(cfg, state_dir=str(rig.base / "state"),
+                  events=replace(cfg.events, db=str(rig.base / "state" / "events.db")),
+                  policy=replace(cfg.policy, enforce=False))  # fmt: skip
+    d = Daemon(cfg)
+    rig.serve(d.broker)
+    return d
 
 
 def connect(path: str) -> socket.socket:

@@ -6,10 +6,9 @@ many askers, and bad fields refused with a clear error."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import pytest
-from broker_rig import NOBODY, Rig, ask, ask_as_nobody
+from broker_rig import NOBODY, Rig, ask, ask_as_nobody, in_process_daemon
 
 from oomguard.cli import client
 from oomguard.daemon import Daemon
@@ -28,12 +27,7 @@ def rig():
 
 @pytest.fixture
 def daemon(rig: Rig):
-    cfg = rig.protect_config()
-    cfg = replace(cfg, state_dir=str(rig.base / "state"),
-                  events=replace(cfg.events, db=str(rig.base / "state" / "events.db")),
-                  policy=replace(cfg.policy, enforce=False))  # fmt: skip
-    d = Daemon(cfg)
-    rig.serve(d.broker)
+    d = in_process_daemon(rig)
     yield d
     d.store.close()
 
