@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import socket
+import time
 
 import pytest
 from broker_rig import Rig, ask, connect, in_process_daemon
@@ -107,4 +108,8 @@ def test_hostile_requests_get_clear_refusals_and_the_broker_serves_on(daemon, ca
     assert answered == REQUESTS and refused > REQUESTS // 2
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert ask(path, {"op": "ping"}) == {"ok": True, "uid": 0}
+    # the broker closes a connection (socket, pidfd, /proc fd) just after its reply
+    deadline = time.monotonic() + 30
+    while fds() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert fds() == before
