@@ -11,6 +11,7 @@ traceback, leak no fd, and still answer ping. CI runs a few hundred;
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -96,6 +97,7 @@ def test_hostile_requests_get_clear_refusals_and_the_broker_serves_on(daemon, ca
     path = daemon.cfg.protect.socket
     rnd = random.Random(SEED)
     assert ask(path, {"op": "status"})["ok"]  # warm: the pool's threads, sqlite's files
+    gc.collect()  # what earlier tests left for the collector closes now, not mid-run
     before = fds()
     caplog.set_level(logging.WARNING)
     answered = refused = 0
@@ -110,6 +112,6 @@ def test_hostile_requests_get_clear_refusals_and_the_broker_serves_on(daemon, ca
     assert ask(path, {"op": "ping"}) == {"ok": True, "uid": 0}
     # the broker closes a connection (socket, pidfd, /proc fd) just after its reply
     deadline = time.monotonic() + 30
-    while fds() != before and time.monotonic() < deadline:
+    while fds() > before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert fds() == before
+    assert fds() <= before

@@ -129,6 +129,8 @@ def cursor(request: dict, key: str) -> tuple[float, int] | None:
 def fitting(items: Sequence[Any], budget: int = MAX_REPLY) -> int:
     """How many of ``items``, counted from the end, encode within ``budget``
     bytes (at least one, so a page always moves on)."""
+    if len(json.dumps(items, default=str)) <= budget:
+        return len(items)  # the common case, in one call
     used = 0
     for n, item in enumerate(reversed(items)):
         used += len(json.dumps(item, default=str)) + 2

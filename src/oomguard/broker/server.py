@@ -22,6 +22,7 @@ import os
 import queue
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Peer, dict], dict]
 INLINE = frozenset({"protect", "ping"})
+SWITCH_INTERVAL = 0.001  # seconds; see serve
 _WAKE = object()  # the selector key of the wake-up pipe
 
 
@@ -143,6 +145,9 @@ class Broker:
             self._wake_w.close()
 
     def serve(self, stop: threading.Event) -> None:
+        # Every syscall on the loop gives up the GIL; with pool threads busy
+        # it waits up to one switch interval to get it back (5 ms by default).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         if self.sock is None:
             self.bind()
         self.ready.set()
