@@ -55,6 +55,17 @@ def test_queued_jobs_take_turns_across_uids() -> None:
     assert order == ["a1", "a2", "b1", "a3"]  # first come, but b1 before a's third
 
 
+def test_a_result_is_delivered_after_the_slot_is_free() -> None:
+    """So a client that got its reply may ask again at once without BUSY."""
+    pool = WorkerPool("t", threads=1, per_uid=1)
+    delivered = threading.Event()
+    seen = []
+    assert pool.submit(1, lambda: 42, lambda r: (seen.append((r, pool.load(1))), delivered.set()))
+    assert delivered.wait(5)
+    assert seen == [(42, 0)] and pool.submit(1, lambda: None)
+    pool.stop()
+
+
 def test_a_failing_job_does_not_end_its_thread() -> None:
     pool = WorkerPool("t", threads=1, per_uid=1)
     done = threading.Event()

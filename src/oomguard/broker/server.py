@@ -323,19 +323,21 @@ class Broker:
     def _defer(self, pool: WorkerPool, conn: _Conn, work: Callable[[], dict]) -> bool:
         """Run ``work`` off the loop; its reply goes out when it is done."""
 
-        def job() -> None:
+        def job() -> bytes:
             try:
-                line = encode(work())  # encoded here: a big reply costs the loop nothing
+                return encode(work())  # encoded here: a big reply costs the loop nothing
             except Exception as e:  # noqa: BLE001
                 log.exception("broker: a deferred op failed")
-                line = encode(refused(f"internal error: {e.__class__.__name__}"))
-            self._finished.put((conn, line))
+                return encode(refused(f"internal error: {e.__class__.__name__}"))
+
+        def deliver(line: object) -> None:
+            self._finished.put((conn, line))  # type: ignore[arg-type]
             try:
                 self._wake_w.send(b"x")
             except OSError:
                 pass  # wake-ups pending already, or the broker closed
 
-        if not pool.submit(conn.peer.uid, job):
+        if not pool.submit(conn.peer.uid, job, deliver):
             return False
         conn.replied = True  # no more reading, and no timeout while it works
         conn.deadline = float("inf")

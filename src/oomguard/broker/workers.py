@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-Job = Callable[[], None]
 
 
 class WorkerPool:
@@ -28,14 +27,17 @@ class WorkerPool:
         self.threads = threads
         self.per_uid = per_uid
         self._cond = threading.Condition()
-        self._queues: dict[int, deque[Job]] = {}
+        self._queues: dict[int, deque[_Job]] = {}
         self._ring: deque[int] = deque()  # uids with queued jobs, in turn
         self._load: Counter[int] = Counter()  # queued + running, per uid
         self._workers: list[threading.Thread] = []
         self._stopping = False
 
-    def submit(self, uid: int, job: Job) -> bool:
-        """Queue ``job`` for ``uid``; False (not queued) past its cap."""
+    def submit(self, uid: int, work: Callable[[], object], deliver: Callable[[object], None] = lambda r: None) -> bool:
+        """Queue ``work`` for ``uid``; False (not queued) past its cap. Its
+        result goes to ``deliver`` once the uid's slot is free again, so a
+        caller who sees the result may submit again at once."""
+        job = _Job(work, deliver)
         with self._cond:
             if self._stopping or self._load[uid] >= self.per_uid:
                 return False
@@ -67,7 +69,7 @@ class WorkerPool:
         self._workers.append(t)
         t.start()
 
-    def _take(self) -> tuple[int, Job] | None:
+    def _take(self) -> tuple[int, _Job] | None:
         with self._cond:
             while not self._ring:
                 if self._stopping:
@@ -85,8 +87,9 @@ class WorkerPool:
     def _work(self) -> None:
         while (taken := self._take()) is not None:
             uid, job = taken
+            ok, result = False, None
             try:
-                job()
+                result, ok = job.work(), True
             except Exception:  # noqa: BLE001 - a job's failure must not end the thread
                 log.exception("%s: a job failed", self.name)
             finally:
@@ -94,3 +97,16 @@ class WorkerPool:
                     self._load[uid] -= 1
                     if not self._load[uid]:
                         del self._load[uid]
+            if ok:
+                try:
+                    job.deliver(result)
+                except Exception:  # noqa: BLE001
+                    log.exception("%s: delivering a result failed", self.name)
+
+
+class _Job:
+    __slots__ = ("work", "deliver")
+
+    def __init__(self, work: Callable[[], object], deliver: Callable[[object], None]):
+        self.work = work
+        self.deliver = deliver
