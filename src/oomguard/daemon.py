@@ -13,7 +13,6 @@ The daemon keeps itself at oom_score_adj -1000; what it starts begins at 0.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from oomguard import config
-from oomguard.broker import server as broker
-from oomguard.broker.server import Broker, Granter, Peer, Refusal
-from oomguard.forensics import events, metrics, oomwatch, status
+from oomguard.broker import Broker, Granter, Handler, Peer, Refusal, protocol
+from oomguard.broker.cache import Brief
+from oomguard.forensics import events, metrics, oomwatch, privacy, status
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
 from oomguard.host import cgroups, journal, procevents, procfs
@@ -110,7 +109,8 @@ class Daemon:
         self.policy_applied = threading.Event()  # READY=1 waits for it
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
-        self.broker = Broker(cfg, self.granter, self.handlers(), slow_ops=frozenset({"kill-run"}))
+        self.broker = Broker(cfg, self.granter, self.handlers())  # queries run in its pool
+        self.status_view = Brief(self._status_snapshot, ttl=1.0)  # many askers, one /proc scan
         self.enforcer = Enforcer.from_config(cfg, self.registry, on_change=self.on_policy_change)
         self.app_cgroup = cgroups.app_group(cfg.layout.app_slice, cfg.layout.app_cgroup)
         self.healer = healer.Healer(
@@ -198,7 +198,7 @@ class Daemon:
 
     # ------------------------------------------------------------ socket ops
 
-    def handlers(self) -> dict[str, broker.Handler]:
+    def handlers(self) -> dict[str, Handler]:
         return {
             "runs": self.op_runs,
             "kill-run": self.op_kill_run,
@@ -207,7 +207,7 @@ class Daemon:
         }
 
     def op_runs(self, peer: Peer, request: dict) -> dict:
-        runs = self.registry.all() if request.get("all") else self.registry.active()
+        runs = self.registry.all() if protocol.flag(request, "all") else self.registry.active()
         if peer.uid != 0:
             runs = [r for r in runs if r.uid == peer.uid]
         return {"runs": [run_view(r) for r in runs]}
@@ -215,8 +215,8 @@ class Daemon:
     def op_kill_run(self, peer: Peer, request: dict) -> dict:
         if peer.uid != 0:
             raise Refusal("only root may kill runs")
-        rid = request.get("id")
-        if not isinstance(rid, int) or isinstance(rid, bool):
+        rid = protocol.integer(request, "id", 0, protocol.MAX_ID, None, "kill-run needs an integer id")
+        if rid is None:
             raise Refusal("kill-run needs an integer id")
         run = self.registry.get(rid)
         if run is None:
@@ -227,31 +227,41 @@ class Daemon:
         return {"result": result, "message": f"run {rid} ({run.user}: {run.command[:60]}) stopped"}
 
     def op_events(self, peer: Peer, request: dict) -> dict:
-        since = request.get("since")
-        kinds = request.get("kinds")
-        limit = request.get("limit", 1000)
-        if since is not None and (
-            isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since)
-        ):
-            raise Refusal("since must be a number (epoch seconds)")
-        if kinds is not None and not (isinstance(kinds, list) and all(isinstance(k, str) for k in kinds)):
-            raise Refusal("kinds must be a list of strings")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
-            raise Refusal("limit must be an integer from 1 to 100000")
-        rows = self.store.query(since=since, kinds=kinds, uid=None if peer.uid == 0 else peer.uid, limit=limit)
-        return {"events": rows}
+        """One page of events, newest first across pages: at most ``page``
+        (and ``limit``) events before the ``before`` cursor, oldest first,
+        and ``next`` to ask for the older ones."""
+        since = protocol.number(request, "since", -protocol.MAX_TIMESTAMP, protocol.MAX_TIMESTAMP,
+                                "since must be a number (epoch seconds)")  # fmt: skip
+        kinds = protocol.strings(request, "kinds", 64, 64, "kinds must be a list of strings")
+        limit = protocol.integer(request, "limit", 1, 100_000, 1000, "limit must be an integer from 1 to 100000")
+        size = protocol.integer(request, "page", 1, events.MAX_PAGE, events.PAGE, "page must be an integer from 1 to 500")
+        before = protocol.cursor(request, "before")
+        uid = None if peer.uid == 0 else peer.uid
+        rows, more = self.store.page(before=before, since=since, kinds=kinds, uid=uid, limit=min(limit, size))
+        rows = privacy.events_for(rows, uid)
+        fits = protocol.fitting(rows)  # a page of huge events is cut, never the reply unbounded
+        more, rows = more or fits < len(rows), rows[len(rows) - fits :]
+        last = more and rows and len(rows) < limit
+        return {"events": rows, "next": [rows[0]["ts"], rows[0]["id"]] if last else None}
 
     def op_status(self, peer: Peer, request: dict) -> dict:
-        out = status.collect(self.cfg)
         root = peer.uid == 0
-        out["protected"] = status.protected_processes(None if root else peer.uid)
+        view = self.status_view.get()
+        out = dict(view["system"])
+        out["protected"] = [p for p in view["protected"] if root or p["uid"] == peer.uid]
         out["runs"] = [run_view(r) for r in self.registry.active() if root or r.uid == peer.uid]
-        out["healer"] = self.healer.status()
+        out["healer"] = view["healer"]
         if not root:  # other users' runs and commands are not theirs to see
             out["healer"] = {k: v for k, v in out["healer"].items() if k not in ("last_actions", "killed_runs")}
-        out["last_oom_kills"] = self.store.query(kinds=["oom_kill"], uid=None if root else peer.uid, limit=5)
+        kills = self.store.query(kinds=["oom_kill"], uid=None if root else peer.uid, limit=5)
+        out["last_oom_kills"] = privacy.events_for(kills, None if root else peer.uid)
         out["daemon"] = {"pid": os.getpid(), "process_events": self.events_mode, "config": self.cfg.source}
         return out
+
+    def _status_snapshot(self) -> dict:
+        """The costly part of status (a /proc scan, the healer's lock), as root sees it."""
+        return {"system": status.collect(self.cfg), "protected": status.protected_processes(None),
+                "healer": self.healer.status()}  # fmt: skip
 
     # ------------------------------------------------------------ threads
 

@@ -15,9 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from oomguard import config
-from oomguard.broker import server as broker
-from oomguard.broker.server import Broker, Granter, Peer
+from oomguard import broker, config
+from oomguard.broker import Broker, Granter, Peer
 from oomguard.host import procfs
 from oomguard.runs.registry import RunRegistry
 

@@ -191,7 +191,7 @@ def test_make_handler_picks_the_journal_when_journal_stream_is_stderr(tmp_path):
 
 
 def test_message_ids_are_distinct_128_bit_ids_for_every_event_kind():
-    kinds = {"grant", "refusal", "run_end", "oom_kill", "healer", "storm", "oom_livelock"}
+    kinds = {"grant", "refusal", "run_end", "oom_kill", "healer", "storm", "oom_livelock", "warning"}
     assert set(journal.MESSAGE_IDS) == kinds
     ids = list(journal.MESSAGE_IDS.values())
     assert len(set(ids)) == len(ids)

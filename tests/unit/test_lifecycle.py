@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from oomguard import config
-from oomguard.broker import server as broker
-from oomguard.broker.server import Granter, Peer, Refusal
+from oomguard import broker, config
+from oomguard.broker import Granter, Peer, Refusal
 from oomguard.host import cgroups, procfs
 from oomguard.runs import lifecycle
 from oomguard.runs.lifecycle import EXITED, RunLifecycle, RunRefused

@@ -53,3 +53,21 @@ def request(op: str, path: str | None = None, timeout: float = 30.0, **fields: A
     if not reply.get("ok"):
         raise DaemonError(str(reply.get("error", "refused")))
     return reply
+
+
+def events(path: str | None = None, *, limit: int = 1000, **filters: Any) -> list[dict]:
+    """The newest ``limit`` events, oldest first, fetched page by page (the
+    daemon sends at most one bounded page per request)."""
+    from oomguard.forensics.events import MAX_PAGE
+
+    pages: list[list[dict]] = []
+    cursor = None
+    got = 0
+    while True:
+        reply = request("events", path, limit=limit - got, page=MAX_PAGE, before=cursor, **filters)
+        pages.append(reply["events"])
+        got += len(reply["events"])
+        cursor = reply.get("next")
+        if not cursor or got >= limit or not reply["events"]:
+            break
+    return [e for page in reversed(pages) for e in page]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oomguard import __version__, config
-from oomguard.cli.client import DaemonError, request
+from oomguard.cli.client import DaemonError, events, request
 from oomguard.cli.render import ago, describe_event, format_ranking, render_status, table
 from oomguard.cli.terminal import printable
 
@@ -115,8 +115,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise config.ConfigError(f"--since: {e}") from None
     kinds = args.kind or None
-    reply = request("events", _socket(args), since=since, kinds=kinds, limit=args.limit)
-    rows = reply["events"]
+    rows = events(_socket(args), since=since, kinds=kinds, limit=args.limit)
     if args.json:
         _json(rows)
         return 0

@@ -43,6 +43,7 @@ KINDS = tuple(kind for kinds in RETENTION.values() for kind in kinds)
 # Kinds that a user can produce at will: repeats are counted on one row.
 COALESCE_FIELDS: dict[str, tuple[str, ...]] = {"refusal": ("uid", "reason")}
 COALESCE_WINDOW = 60.0
+PAGE, MAX_PAGE = 100, 500  # events per page of a reply: the default, the most
 
 # Each entry upgrades the schema by one version (PRAGMA user_version). Never
 # edit a released entry; append a new one.
@@ -265,6 +266,26 @@ class EventStore:
     ) -> list[dict[str, Any]]:
         """The newest ``limit`` matching events, oldest first. ``uid=None``
         means root (everything); otherwise only events that name ``uid``."""
+        return self._newest(since, until, kinds, uid, None, limit)[::-1]
+
+    def page(
+        self,
+        *,
+        before: tuple[float, int] | None = None,
+        since: float | None = None,
+        kinds: Iterable[str] | None = None,
+        uid: int | None = None,
+        limit: int = PAGE,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page for a reader walking back in time: the newest ``limit``
+        (at most MAX_PAGE) matching events older than the ``before`` cursor
+        (an event's (ts, id)), oldest first, and whether older ones remain.
+        Only the page is ever in memory, however many events match."""
+        size = max(1, min(int(limit), MAX_PAGE))
+        rows = self._newest(since, None, kinds, uid, before, size + 1)
+        return rows[:size][::-1], len(rows) > size
+
+    def _newest(self, since, until, kinds, uid, before, limit: int) -> list[dict[str, Any]]:
         where, args = [], []
         if since is not None:
             where.append("e.ts >= ?")
@@ -272,6 +293,9 @@ class EventStore:
         if until is not None:
             where.append("e.ts < ?")
             args.append(float(until))
+        if before is not None:
+            where.append("(e.ts < ? OR (e.ts = ? AND e.id < ?))")
+            args.extend((float(before[0]), float(before[0]), int(before[1])))
         if kinds is not None:
             ks = list(kinds)
             if not ks:
@@ -293,18 +317,16 @@ class EventStore:
         args.append(max(0, int(limit)))
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        out = []
-        for event_id, ts, kind, data, owners in reversed(rows):
-            out.append(
-                {
-                    "id": event_id,
-                    "ts": ts,
-                    "kind": kind,
-                    "uids": sorted(int(u) for u in owners.split(",")) if owners else [],
-                    "data": json.loads(data),
-                }
-            )
-        return out
+        return [
+            {
+                "id": event_id,
+                "ts": ts,
+                "kind": kind,
+                "uids": sorted(int(u) for u in owners.split(",")) if owners else [],
+                "data": json.loads(data),
+            }
+            for event_id, ts, kind, data, owners in rows
+        ]
 
     def count(self) -> int:
         with self._lock:

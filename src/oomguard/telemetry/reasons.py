@@ -12,6 +12,7 @@ class RefusalReason(StrEnum):
     BUSY = "busy"  # per-user or global connection cap reached
     LIMIT = "limit"  # the user already has as many active runs as allowed
     NESTED = "nested"  # the asking process is already inside another active run
+    SHARED_MM = "shared_mm"  # another process shares the asker's mm (CLONE_VM): it would be protected too
     INVALID = "invalid"  # malformed request
     ERROR = "error"  # the broker could not carry out the grant
     REFUSED = "refused"  # any other refusal of a query
