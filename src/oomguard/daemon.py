@@ -213,18 +213,23 @@ class Daemon:
         return {"runs": [run_view(r) for r in runs]}
 
     def op_kill_run(self, peer: Peer, request: dict) -> dict:
-        if peer.uid != 0:
-            raise Refusal("only root may kill runs")
+        """Root ends any run; a user ends their own (as the healer's warning
+        tells them to). Another user's run is refused as if it did not exist."""
         rid = protocol.integer(request, "id", 0, protocol.MAX_ID, None, "kill-run needs an integer id")
         if rid is None:
             raise Refusal("kill-run needs an integer id")
         run = self.registry.get(rid)
-        if run is None:
-            raise Refusal(f"no run {rid}")
+        if run is None or (peer.uid != 0 and run.uid != peer.uid):
+            raise Refusal(f"no run {rid}" + ("" if peer.uid == 0 else " of yours"))
         if not run.active:
             raise Refusal(f"run {rid} already ended ({run.end_reason})")
-        result = self.healer.kill_run(run, why="stopped by an administrator (oomguard kill-run)")
-        return {"result": result, "message": f"run {rid} ({run.user}: {run.command[:60]}) stopped"}
+        who = "an administrator" if peer.uid == 0 else "its owner"
+        result = self.healer.kill_run(run, why=f"stopped by {who} (oomguard kill-run)")
+        what = f"run {rid} ({run.user}: {run.command[:60]})"
+        if result.get("action") == "killed":
+            return {"result": result, "message": f"{what} stopped"}
+        # spared_some / kill_failed: say so, and fail the command
+        raise Refusal(f"{what} not fully stopped: {result.get('action')}; see oomguard events --kind healer")
 
     def op_events(self, peer: Peer, request: dict) -> dict:
         """One page of events, newest first across pages: at most ``page``

@@ -358,9 +358,10 @@ def test_status_shows_a_user_only_their_own(daemon, nobody_sleeper):
     assert root["daemon"]["pid"] == daemon.proc.pid and root["healer"]["checks"]["shop"]["kind"] == "tcp"
 
 
-def test_kill_run_is_for_root_only_and_validates_the_id(daemon, nobody_sleeper):
-    r = daemon.cli("kill-run", "1", nobody=True)
-    assert r.returncode == 1 and r.stderr.strip() == "oomguard: only root may kill runs"
+def test_kill_run_of_another_users_run_is_refused_as_unknown_and_the_id_validated(daemon, nobody_sleeper):
+    r = daemon.cli("kill-run", "3", nobody=True)  # uid 1000's run: nobody learns nothing of it
+    assert r.returncode == 1 and r.stderr.strip() == "oomguard: no run 3 of yours"
+    assert daemon.cli("kill-run", "999", nobody=True).stderr.strip() == "oomguard: no run 999 of yours"
     assert nobody_sleeper.poll() is None
     for fields, error in [({}, "integer id"), ({"id": "1"}, "integer id"), ({"id": True}, "integer id"),
                           ({"id": 1.0}, "integer id"), ({"id": 999}, "no run 999"),
@@ -368,6 +369,15 @@ def test_kill_run_is_for_root_only_and_validates_the_id(daemon, nobody_sleeper):
         reply = daemon.request("kill-run", **fields)
         assert reply["ok"] is False and error in reply["error"], (fields, reply)
     assert nobody_sleeper.poll() is None
+
+
+def test_the_owner_may_stop_their_own_run(daemon, nobody_sleeper):
+    r = daemon.cli("kill-run", "1", nobody=True)
+    assert r.returncode == 0, r.stderr
+    assert "run 1 (nobody: sleep 300) stopped" in r.stdout
+    assert nobody_sleeper.wait(10) == -signal.SIGKILL
+    stopped = [e for e in daemon.cli_json("events", "--kind", "healer") if e["data"].get("run") == 1]
+    assert stopped and "stopped by its owner" in json.dumps(stopped[-1]["data"])
 
 
 def test_kill_run_as_root_ends_the_run_after_sigterm_is_ignored(daemon, nobody_sleeper):

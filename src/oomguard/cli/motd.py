@@ -99,7 +99,7 @@ def main(socket: str | None = None) -> int:
     path = seen_file()
     since = read_seen(path, now)
     try:
-        reply = request("events", socket, timeout=TIMEOUT, since=since, kinds=list(KINDS), limit=200)
+        reply = request("events", socket, timeout=TIMEOUT, since=since, kinds=list(KINDS), limit=200, page=200)
     except DaemonError:
         return 0
     text = render(reply.get("events") or [], os.getuid(), since)
