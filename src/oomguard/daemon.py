@@ -33,6 +33,7 @@ from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.views import run_view
 from oomguard.telemetry.liveness import Liveness, TickWatch
 from oomguard.telemetry.reasons import RefusalReason
 
@@ -69,23 +70,6 @@ def event_summary(kind: str, data: dict) -> str:
     keys = ("id", "run", "user", "uid", "pid", "action", "reason", "victim_pid", "victim_comm", "exit_status")
     parts = [f"{k}={data[k]}" for k in keys if data.get(k) is not None]
     return f"event {kind}: {' '.join(parts)}"[:500]
-
-
-def run_view(run: Run) -> dict:
-    return {
-        "id": run.id,
-        "user": run.user,
-        "uid": run.uid,
-        "pid": run.pid,
-        "command": run.command,
-        "cgroup": run.cgroup,
-        "tty": run.tty,
-        "started": run.started,
-        "ended": run.ended,
-        "exit_status": run.exit_status,
-        "peak_memory": run.peak_memory,
-        "end_reason": run.end_reason,
-    }
 
 
 class Daemon:

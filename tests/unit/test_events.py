@@ -301,6 +301,7 @@ def test_kinds_constant_names_the_documented_kinds() -> None:
         "healer",
         "policy",
         "storm",
+        "warning",
     }
     assert json.loads(json.dumps(events.KINDS))  # plain strings
 

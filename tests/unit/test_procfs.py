@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.host import procfs
+from oomguard.host import cmdline, procfs
 from oomguard.host.procfs import NoSuchProcess
 
 
@@ -61,7 +61,7 @@ def test_stat_status_and_identity_of_a_child(child):
     assert status.uids == (65534,) * 4 and status.ppid == os.getpid() and status.tgid == p.pid
     assert procfs.read_exe(p.pid) == str(exe)
     assert procfs.read_cmdline(p.pid) == [str(exe), "60", "0.5"]
-    assert procfs.read_cmdline_bounded(p.pid) == f"{exe} 60 0.5"
+    assert cmdline.read_cmdline_bounded(p.pid) == f"{exe} 60 0.5"
     assert procfs.read_cgroup(p.pid) == procfs.read_cgroup(os.getpid())
     assert p.pid in procfs.list_pids()
     snap = procfs.snapshot(p.pid)

@@ -23,7 +23,7 @@ from oomguard.broker import placement
 from oomguard.broker.peer import GONE, Peer, is_allowed, refusal_text
 from oomguard.broker.protocol import Refusal
 from oomguard.config import ProtectConfig
-from oomguard.host import mm, procfs
+from oomguard.host import cmdline, mm, procfs
 from oomguard.host.pidfd import Pinned
 from oomguard.runs.lifecycle import RunLifecycle, RunRefused
 from oomguard.runs.registry import Run, RunRegistry
@@ -91,7 +91,7 @@ class Granter:
         if not self._cmdline_readers.acquire(blocking=False):
             return "<cmdline not read: too many pending reads>"
         try:
-            return procfs.read_cmdline_bounded(peer.pid, peer.dirfd, timeout=0.2, limit=512)
+            return cmdline.read_cmdline_bounded(peer.pid, peer.dirfd, timeout=0.2, limit=512)
         finally:
             self._cmdline_readers.release()
 

@@ -32,50 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from oomguard.config import ConfigError, parse_duration
-
-RETENTION: dict[str, tuple[str, ...]] = {
-    "kills": ("oom_kill", "oom_report", "oom_livelock", "storm"),
-    "runs": ("grant", "run_end"),
-    "healer": ("healer",),
-    "noise": ("refusal", "policy"),
-}
-KINDS = tuple(kind for kinds in RETENTION.values() for kind in kinds)
-# Kinds that a user can produce at will: repeats are counted on one row.
-COALESCE_FIELDS: dict[str, tuple[str, ...]] = {"refusal": ("uid", "reason")}
-COALESCE_WINDOW = 60.0
-PAGE, MAX_PAGE = 100, 500  # events per page of a reply: the default, the most
-
-# Each entry upgrades the schema by one version (PRAGMA user_version). Never
-# edit a released entry; append a new one.
-MIGRATIONS: list[str] = [
-    # 1: events, who may see them, and a small key/value state table
-    """
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        kind TEXT NOT NULL,
-        data TEXT NOT NULL
-    );
-    CREATE INDEX events_ts ON events (ts);
-    CREATE INDEX events_kind_ts ON events (kind, ts);
-    CREATE TABLE event_uids (
-        uid INTEGER NOT NULL,
-        event_id INTEGER NOT NULL REFERENCES events (id) ON DELETE CASCADE,
-        PRIMARY KEY (uid, event_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX event_uids_event ON event_uids (event_id);
-    CREATE TABLE state (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    ) WITHOUT ROWID;
-    """,
-    # 2: the row that later repeats of a user-produced event are counted on
-    """
-    ALTER TABLE events ADD COLUMN coalesce_key TEXT;
-    CREATE INDEX events_coalesce ON events (coalesce_key, ts) WHERE coalesce_key IS NOT NULL;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+from oomguard.forensics.eventschema import (  # the store's public constants, re-exported
+    COALESCE_FIELDS,
+    COALESCE_WINDOW,
+    KINDS,
+    MAX_PAGE,
+    MIGRATIONS,
+    PAGE,
+    RETENTION,
+    SCHEMA_VERSION,
+    split_sql,
+)
 
 
 class StoreError(RuntimeError):
@@ -140,7 +107,7 @@ class EventStore:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for stmt in _split_sql(MIGRATIONS[target - 1]):
+            for stmt in split_sql(MIGRATIONS[target - 1]):
                 db.execute(stmt)
             db.execute(f"PRAGMA user_version = {target}")
             db.execute("COMMIT")
@@ -394,11 +361,6 @@ def _retention_classes() -> list[tuple[str, tuple[str, ...]]]:
     classes = [(f"kind IN ({marks(kinds)})", kinds) for kinds in RETENTION.values()]
     classes.append((f"kind NOT IN ({marks(KINDS)})", KINDS))
     return classes
-
-
-def _split_sql(script: str) -> list[str]:
-    # Migrations hold plain DDL: no semicolons inside strings or triggers.
-    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 # ---------------------------------------------------------------- --since

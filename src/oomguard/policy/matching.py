@@ -11,7 +11,7 @@ from collections.abc import Callable
 from fnmatch import fnmatchcase
 
 from oomguard.config import PolicyClass, parse_policy_class
-from oomguard.host import cgroups, procfs
+from oomguard.host import cgroups, cmdline, procfs
 
 DELETED = " (deleted)"
 
@@ -51,7 +51,7 @@ def matches(
         return False
     if cls.cgroup and not _any(cls.cgroup, proc.cgroup):
         return False
-    if cls.cmdline and not _any(cls.cmdline, procfs.cmdline_for_match(proc.pid)):
+    if cls.cmdline and not _any(cls.cmdline, cmdline.cmdline_for_match(proc.pid)):
         return False
     if cls.parent:
         pc = parent_class()
