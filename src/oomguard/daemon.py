@@ -17,13 +17,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from oomguard import config
 from oomguard.broker import Broker, Granter, Handler, Peer, Refusal, protocol
 from oomguard.broker.cache import Brief
-from oomguard.forensics import events, metrics, oomwatch, privacy, status
+from oomguard.forensics import events, metrics, oomwatch, privacy, runreport, status
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
 from oomguard.host import cgroups, journal, procevents, procfs
@@ -191,10 +192,23 @@ class Daemon:
         }
 
     def op_runs(self, peer: Peer, request: dict) -> dict:
+        rid = protocol.integer(request, "id", 0, protocol.MAX_ID, None, "runs: id must be an integer")
+        if rid is not None:
+            return {"report": self._run_report(peer, rid)}
         runs = self.registry.all() if protocol.flag(request, "all") else self.registry.active()
         if peer.uid != 0:
             runs = [r for r in runs if r.uid == peer.uid]
         return {"runs": [run_view(r) for r in runs]}
+
+    def _run_report(self, peer: Peer, rid: int) -> dict:
+        run = self.registry.get(rid)
+        if run is None or (peer.uid != 0 and run.uid != peer.uid):
+            raise Refusal(f"no run {rid}" + ("" if peer.uid == 0 else " of yours"))
+        asker = None if peer.uid == 0 else peer.uid
+        window = {"since": run.started - 1, "until": (run.ended or time.time()) + 1, "uid": asker}
+        kills = self.store.query(kinds=["oom_kill"], limit=runreport.MAX_KILLS, **window)
+        stops = self.store.query(kinds=["healer"], limit=runreport.MAX_KILLS, **window)
+        return runreport.build(run_view(run), privacy.events_for(kills, asker), stops, time.time())
 
     def op_kill_run(self, peer: Peer, request: dict) -> dict:
         """Root ends any run; a user ends their own (as the healer's warning

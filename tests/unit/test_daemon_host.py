@@ -719,3 +719,22 @@ def test_each_stored_event_is_logged_once_and_a_refusal_flood_once(daemon):
     wait_for(lambda: "event healer: " in daemon.log_text())  # the incident's "down"
     wait_for(lambda: [e["data"]["count"] for e in daemon.cli_json("events", "--kind", "refusal")] == [5])
     assert daemon.log_text().count("event refusal: ") == 1
+
+
+def test_a_runs_report_gives_its_life_its_kills_and_its_end(daemon, nobody_sleeper):
+    with EventStore(str(daemon.db), 30 * 86400, 100_000) as store:  # a kill while run 1 lives
+        store.add("oom_kill", {"victim_pid": 5151, "victim_comm": "mysqld-copy", "victim_uid": 1000,
+                               "oom_memcg": "/oomguard.app", "protected_runs": [{"id": 1, "user": "nobody",
+                                                                                 "uid": NOBODY}]},
+                  uids=[1000, NOBODY])  # fmt: skip
+    mine = daemon.cli_json("runs", "1", nobody=True)
+    assert mine["running"] and mine["ended_by"] is None and mine["run"]["command"] == "sleep 300"
+    (kill,) = mine["oom_kills"]
+    assert kill["victim"] == "another user's process" and "victim_comm" not in kill  # not nobody's to see
+    assert daemon.cli_json("runs", "1")["oom_kills"][0]["victim_comm"] == "mysqld-copy"  # root sees it
+    text = daemon.cli("runs", "1", nobody=True).stdout
+    assert "running for" in text and "oom kills   1 while it ran" in text
+    ended = daemon.cli_json("runs", "3")
+    assert ended["ended_by"].startswith("the healer") and ended["duration"] == pytest.approx(100, abs=1)
+    r = daemon.cli("runs", "3", nobody=True)
+    assert r.returncode == 1 and r.stderr.strip() == "oomguard: no run 3 of yours"

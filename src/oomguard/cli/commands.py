@@ -10,7 +10,14 @@ from pathlib import Path
 
 from oomguard import __version__, config
 from oomguard.cli.client import DaemonError, events, request
-from oomguard.cli.render import ago, describe_event, format_ranking, render_status, table
+from oomguard.cli.render import (
+    ago,
+    describe_event,
+    format_ranking,
+    render_run_report,
+    render_status,
+    table,
+)
 from oomguard.cli.terminal import printable
 
 
@@ -58,6 +65,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.id is not None:
+        report = request("runs", _socket(args), id=args.id)["report"]
+        if args.json:
+            _json(report)
+        else:
+            print(render_run_report(report))
+        return 0
     reply = request("runs", _socket(args), all=args.all)
     runs = reply["runs"]
     if args.json:
@@ -243,7 +257,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("daemon", help="run the root daemon in the foreground")
     s.set_defaults(func=cmd_daemon)
 
-    s = sub.add_parser("runs", help="list protected runs (yours, or all as root)")
+    s = sub.add_parser("runs", help="list protected runs (yours, or all as root), or report on one")
+    s.add_argument("id", nargs="?", type=int, help="one run's report: duration, peak memory, OOM kills, its end")
     s.add_argument("--all", action="store_true", help="include ended runs")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_runs)

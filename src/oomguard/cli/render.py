@@ -124,3 +124,31 @@ def _human_kb(kb: int) -> str:
             return f"{kb}{unit}"
         kb //= 1024
     return f"{kb}T"
+
+
+def render_run_report(report: dict) -> str:
+    """`oomguard runs ID` for a terminal."""
+    fmt_time, fmt_size, show = ago, _mib, printable
+    run = report["run"]
+    out = [
+        f"run {run['id']}: {show(run['user'])}, pid {run['pid']}: {show(run['command'])}",
+        f"started     {fmt_time(run['started'])}",
+        f"{'running for' if report['running'] else 'ran for':<11} {_run_duration(report['duration'])}",
+        f"peak memory {fmt_size(report['peak_memory'])}",
+    ]
+    if not report["running"]:
+        out.append(f"ended       {fmt_time(run['ended'])} by {show(report['ended_by'])}, "
+                   f"exit status {run.get('exit_status', '-')}")  # fmt: skip
+    kills = report["oom_kills"]
+    out.append(f"oom kills   {len(kills)} while it ran")
+    for k in kills:
+        who = (show(k["victim"]) if "victim" in k else
+               f"pid {k.get('victim_pid')} {show(k.get('victim_comm'))} (uid {k.get('victim_uid')})")  # fmt: skip
+        out.append(f"  {fmt_time(k['ts'])}  {who} in {show(k.get('oom_memcg') or '-')}")
+    return "\n".join(out)
+
+
+def _run_duration(seconds: float) -> str:
+    s = int(seconds)
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
