@@ -336,6 +336,8 @@ class Daemon:
             log.warning("no cgroup v2 at %s: runs get no cgroup of their own", cgroups.ROOT)
         self.writer.start()
         self.notifier.start()
+        for run in self.lifecycle.reap(at_start=True):  # what ended while no daemon watched
+            self.on_run_end(run)
         self.broker.bind()
         self._thread("broker", self.broker.serve, self.stop)
         self._thread("procevents", self._events)

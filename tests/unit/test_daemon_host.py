@@ -738,3 +738,17 @@ def test_a_runs_report_gives_its_life_its_kills_and_its_end(daemon, nobody_sleep
     assert ended["ended_by"].startswith("the healer") and ended["duration"] == pytest.approx(100, abs=1)
     r = daemon.cli("runs", "3", nobody=True)
     assert r.returncode == 1 and r.stderr.strip() == "oomguard: no run 3 of yours"
+
+
+def test_runs_that_ended_while_no_daemon_watched_say_so_before_it_serves(base, daemons, nobody_sleeper):
+    d = HostDaemon(base)
+    d.write_config()
+    d.state.mkdir()
+    seed_runs(d.state, live_pid=nobody_sleeper.pid, dead=3)
+    daemons.append(d.start())
+    runs = {r["id"]: r for r in d.cli_json("runs", "--all")}  # the first answer already knows
+    dead = [r for r in runs.values() if r["command"].startswith("dead run")]
+    assert len(dead) == 3 and all(r["ended"] and r["end_reason"] == "ended while the daemon was down"
+                                  and r["exit_status"] is None for r in dead)  # fmt: skip
+    assert runs[1]["ended"] is None  # the live one is re-adopted
+    assert runs[2]["end_reason"] == "exited"  # what ended before is left as it was

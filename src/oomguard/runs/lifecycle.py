@@ -24,6 +24,7 @@ from oomguard.telemetry.reasons import RefusalReason
 log = logging.getLogger(__name__)
 
 EXITED = "exited"  # end_reason of a run whose processes all went by themselves
+WHILE_DOWN = "ended while the daemon was down"  # its exit status is lost with the exit event
 
 
 class RunRefused(Exception):
@@ -176,12 +177,15 @@ class RunLifecycle:
             end_reason=run.end_reason or reason or EXITED,
         )
 
-    def reap(self) -> list[Run]:
+    def reap(self, *, at_start: bool = False) -> list[Run]:
         """End the runs of which nothing is left, and forget old ended runs;
-        the runs that ended since the last call (here or by ``end``)."""
+        the runs that ended since the last call (here or by ``end``). At the
+        daemon's start, a run found gone with no exit seen ended while no
+        daemon watched, and says so."""
         for run in self.registry.active():
             if not self.registry.alive(run):
-                self.end(run.id)
+                lost = at_start and run.exit_status is None and run.end_reason is None
+                self.end(run.id, WHILE_DOWN if lost else None)
         ended = self.registry.take_ended()
         self.registry.forget_ended()
         return ended
