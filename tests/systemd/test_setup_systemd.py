@@ -202,6 +202,25 @@ def test_the_daemons_events_reach_the_journal_with_their_message_id_and_fields(i
     assert entry["MESSAGE"].startswith("event refusal:") and entry["PRIORITY"] == "6"
 
 
+def test_doctor_under_systemd_sees_the_layout_and_another_oom_killers_unit(installed):
+    def findings():
+        return json.loads(oomguard("doctor", "--json", check=False).stdout)
+
+    layout = {f["text"].split()[0]: f["level"] for f in findings() if f["topic"] == "layout"}
+    assert layout == {s: "ok" for s in SERVICES}, layout
+    fake = Path("/run/systemd/system/earlyoom.service")  # a stand-in for Debian's unit
+    fake.write_text("[Service]\nExecStart=/bin/sleep infinity\n")
+    try:
+        systemctl("daemon-reload")
+        systemctl("start", "earlyoom.service")
+        warned = [f for f in findings() if f["topic"] == "oom-killers" and "earlyoom.service" in f["text"]]
+        assert warned and warned[0]["level"] == "warn", findings()
+    finally:
+        systemctl("stop", "earlyoom.service", check=False)
+        fake.unlink(missing_ok=True)
+        systemctl("daemon-reload")
+
+
 def test_uninstall_stops_the_daemon_and_removes_what_setup_wrote(installed):
     """Last in this module: it undoes the installation."""
     paths = written_paths(installed.stdout)

@@ -93,12 +93,46 @@ def process_event_checks() -> list[Finding]:
                     "applied by polling, and runs' exit statuses are unknown")]  # fmt: skip
 
 
+KILLER_UNITS = ("systemd-oomd.service", "earlyoom.service", "nohang.service", "nohang-desktop.service")
+
+
+def systemd_checks(cfg: Config, show=None) -> list[Finding]:
+    """Under systemd: other OOM killers' units enabled or active, and the
+    policy's services outside the app slice (they move at their next restart)."""
+    from oomguard.host import systemd
+
+    show = show or systemd.show
+    out = []
+    for unit in KILLER_UNITS:
+        p = show(unit, "LoadState", "ActiveState", "UnitFileState")
+        if p.get("LoadState") != "loaded":
+            continue
+        if p.get("ActiveState") in ("active", "activating", "reloading") or p.get("UnitFileState") == "enabled":
+            out.append(Finding("warn", "oom-killers", f"{unit} is {p.get('ActiveState')} and "
+                               f"{p.get('UnitFileState')}: it kills by its own rules, whatever oomguard protects; "
+                               f"systemctl disable --now {unit}"))  # fmt: skip
+    app = cgroups.slice_path(cfg.layout.app_slice)
+    for unit in cfg.layout.services:
+        p = show(unit, "LoadState", "ActiveState", "ControlGroup")
+        if p.get("LoadState") != "loaded" or p.get("ActiveState") != "active":
+            continue
+        cg = p.get("ControlGroup", "")
+        if not (cg == app or cg.startswith(app + "/")):
+            out.append(Finding("warn", "layout", f"{unit} runs in {cg or '?'}, outside {cfg.layout.app_slice}: "
+                               f"restart it to move it there (systemctl restart {unit})"))  # fmt: skip
+        else:
+            out.append(Finding("ok", "layout", f"{unit} runs in {cfg.layout.app_slice}"))
+    return out
+
+
 def run(path: str | None) -> list[Finding]:
     findings, cfg = config_checks(path)
     findings += socket_checks(cfg)
     findings += cgroup_checks()
     findings += other_oom_killers()
     findings += process_event_checks()
+    if cgroups.systemd_booted():
+        findings += systemd_checks(cfg)
     if not procfs.has_cap_sys_resource():
         findings.append(Finding("warn", "capability", "this process lacks CAP_SYS_RESOURCE: the daemon "
                                 "cannot grant -1000 from here"))  # fmt: skip

@@ -36,3 +36,14 @@ def enable_now(unit: str, run: Runner | None = None) -> None:
 def disable_now(unit: str, run: Runner | None = None) -> None:
     """Stop ``unit`` now and keep it from starting at boot."""
     systemctl("disable", "--now", unit, run=run)
+
+
+def show(unit: str, *props: str, timeout: float = 10.0) -> dict[str, str]:
+    """``systemctl show -p ... UNIT`` as a dict; {} when systemctl cannot say
+    (no systemd, no such unit: systemd answers with defaults then)."""
+    argv = [SYSTEMCTL, "show", "--no-pager", *(f"--property={p}" for p in props), unit]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
