@@ -32,6 +32,7 @@ from oomguard.host.sdnotify import Notifier as SystemdNotifier
 from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
+from oomguard.prefs.settings import SettingError, UserSettings
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import Run, RunRegistry
 from oomguard.runs.views import run_view
@@ -93,6 +94,7 @@ class Daemon:
         self.liveness = Liveness(self.systemd, watch_ticks=cfg.healer.enabled)
         self.policy_applied = threading.Event()  # READY=1 waits for it
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
+        self.settings = UserSettings(state_dir / "settings.json", frozenset(cfg.protect.user_settings))
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.broker = Broker(cfg, self.granter, self.handlers())  # queries run in its pool
         self.status_view = Brief(self._status_snapshot, ttl=1.0)  # many askers, one /proc scan
@@ -105,6 +107,7 @@ class Daemon:
             self.record,
             is_exempt=self.is_exempt,
             nonessential_pids=self.nonessential_pids,
+            permissive_for=lambda uid: self.settings.value(uid, "permissive"),
             hooks=TickWatch(self.metrics, self.liveness),  # the watchdog follows the tick
             app_cgroup=self.app_cgroup,
         )
@@ -189,6 +192,7 @@ class Daemon:
             "kill-run": self.op_kill_run,
             "events": self.op_events,
             "status": self.op_status,
+            "settings": self.op_settings,
         }
 
     def op_runs(self, peer: Peer, request: dict) -> dict:
@@ -209,6 +213,23 @@ class Daemon:
         kills = self.store.query(kinds=["oom_kill"], limit=runreport.MAX_KILLS, **window)
         stops = self.store.query(kinds=["healer"], limit=runreport.MAX_KILLS, **window)
         return runreport.build(run_view(run), privacy.events_for(kills, asker), stops, time.time())
+
+    def op_settings(self, peer: Peer, request: dict) -> dict:
+        """The caller's own settings; with ``name`` and ``value``, change one."""
+        name, value = request.get("name"), request.get("value")
+        if name is None:
+            return {"settings": self.settings.of(peer.uid)}
+        if not isinstance(name, str) or len(name) > 64:
+            raise Refusal("settings: name must be a setting's name", RefusalReason.INVALID)
+        if not isinstance(value, str | bool) or isinstance(value, str) and len(value) > 16:
+            raise Refusal("settings: value must be on or off", RefusalReason.INVALID)
+        try:
+            old, new = self.settings.change(peer.uid, name, value)
+        except SettingError as e:
+            raise Refusal(str(e)) from None
+        self.emit("setting", {"uid": peer.uid, "user": peer.user, "name": name, "old": old, "new": new},
+                  [peer.uid])  # fmt: skip
+        return {"settings": self.settings.of(peer.uid), "changed": old != new}
 
     def op_kill_run(self, peer: Peer, request: dict) -> dict:
         """Root ends any run; a user ends their own (as the healer's warning
@@ -364,6 +385,7 @@ class Daemon:
             return
         self.cfg = new
         self.granter.config = new.protect
+        self.settings.allowed = frozenset(new.protect.user_settings)
         self.broker.config = new.protect
         self.enforcer.classes = policy.classes_for(new)
         self.systemd.send(status=f"serving {new.protect.socket} (reloaded)")

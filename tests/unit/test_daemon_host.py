@@ -752,3 +752,25 @@ def test_runs_that_ended_while_no_daemon_watched_say_so_before_it_serves(base, d
                                   and r["exit_status"] is None for r in dead)  # fmt: skip
     assert runs[1]["ended"] is None  # the live one is re-adopted
     assert runs[2]["end_reason"] == "exited"  # what ended before is left as it was
+
+
+def test_a_user_changes_an_allowed_setting_and_it_is_an_event(base, daemons):
+    d = HostDaemon(base)
+    d.write_config(protect_extra='user_settings = ["permissive"]')
+    daemons.append(d.start())
+    r = d.cli("settings", nobody=True)
+    assert r.returncode == 0 and r.stdout.startswith("permissive = off"), r
+    r = d.cli("settings", "permissive", "on", nobody=True)
+    assert r.returncode == 0 and r.stdout.startswith("permissive = on"), r
+    assert d.cli_json("settings", nobody=True)["permissive"]["value"] is True
+    ev = wait_for(lambda: d.cli_json("events", "--kind", "setting", nobody=True))
+    assert [(e["data"]["user"], e["data"]["name"], e["data"]["old"], e["data"]["new"]) for e in ev] == [
+        ("nobody", "permissive", False, True)]  # fmt: skip
+    assert d.cli_json("settings")["permissive"]["value"] is False  # root's own are apart
+
+
+def test_a_setting_root_does_not_allow_is_refused_and_nothing_changes(daemon):
+    r = daemon.cli("settings", "permissive", "on", nobody=True)
+    assert r.returncode == 1 and "not a setting you may change (allowed: none)" in r.stderr
+    assert not (daemon.state / "settings.json").exists()
+    assert daemon.request("settings", name=["x"], value="on")["error"].startswith("settings: name")

@@ -19,6 +19,7 @@ RANK = {
     "config": 1,
     "telemetry": 1,
     "runs": 2,
+    "prefs": 2,
     "policy": 3,
     "forensics": 3,
     "broker": 3,

@@ -216,6 +216,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(f.level == "error" for f in findings) else 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    if args.value is not None:
+        reply = request("settings", _socket(args), name=args.name, value=args.value)
+    else:
+        reply = request("settings", _socket(args))
+    settings = reply["settings"]
+    if args.name is not None and args.name not in settings:
+        raise DaemonError(f"{args.name!r} is not a setting you may change (allowed: {', '.join(settings) or 'none'})")
+    shown = {args.name: settings[args.name]} if args.name else settings
+    if args.json:
+        _json(shown)
+    elif not shown:
+        print("no settings: root allows none ([protect] user_settings)")
+    else:
+        for name, s in shown.items():
+            print(f"{name} = {'on' if s['value'] else 'off'}  # {s['about']}; default {'on' if s['default'] else 'off'}")
+    return 0
+
+
 def cmd_motd(args: argparse.Namespace) -> int:
     from oomguard.cli import motd
 
@@ -307,6 +326,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="what would undermine oomguard's guarantees on this host")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("settings", help="your own settings, as root allows: show, or set NAME on|off")
+    s.add_argument("name", nargs="?")
+    s.add_argument("value", nargs="?", choices=("on", "off"))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_settings)
 
     s = sub.add_parser("motd", help="what happened to your processes since your last login (for /etc/profile.d)")
     s.set_defaults(func=cmd_motd)

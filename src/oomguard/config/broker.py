@@ -21,6 +21,7 @@ class ProtectConfig:
     request_timeout: float = 2.0
     run_cgroups: bool = True
     max_runs_per_uid: int = 64  # active runs one user may hold at once
+    user_settings: tuple[str, ...] = ()  # settings users may change for themselves
 
 
 def parse_protect(t: Table) -> ProtectConfig:
@@ -42,6 +43,18 @@ def parse_protect(t: Table) -> ProtectConfig:
         request_timeout=t.duration("request_timeout"),
         run_cgroups=t.get("run_cgroups", kind=bool),
         max_runs_per_uid=t.bounded_int("max_runs_per_uid", 1, 4096),
+        user_settings=_user_settings(t),
     )
     t.done()
     return cfg
+
+
+USER_SETTINGS = ("permissive",)  # prefs.settings.KNOWN's names
+
+
+def _user_settings(t: Table) -> tuple[str, ...]:
+    names = t.str_list("user_settings")
+    for i, name in enumerate(names):
+        if name not in USER_SETTINGS:
+            raise ConfigError(f"{t.k('user_settings')}[{i}]: unknown setting {name!r}; known: {', '.join(USER_SETTINGS)}")
+    return tuple(dict.fromkeys(names))

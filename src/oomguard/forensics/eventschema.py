@@ -8,7 +8,7 @@ RETENTION: dict[str, tuple[str, ...]] = {
     "kills": ("oom_kill", "oom_report", "oom_livelock", "storm"),
     "runs": ("grant", "run_end"),
     "healer": ("healer", "warning"),
-    "noise": ("refusal", "policy"),
+    "noise": ("refusal", "policy", "setting"),
 }
 KINDS = tuple(kind for kinds in RETENTION.values() for kind in kinds)
 # Kinds that a user can produce at will: repeats are counted on one row.

@@ -73,6 +73,7 @@ class Healer:
         *,
         is_exempt: Callable[[procfs.Proc], bool] = lambda proc: False,
         nonessential_pids: Callable[[], list[int]] = lambda: [],
+        permissive_for: Callable[[int], bool] = lambda uid: False,
         hooks: Hooks = NO_HOOKS,
         clock: Clock | None = None,
         boot_id: str | None = None,
@@ -111,7 +112,7 @@ class Healer:
         )  # fmt: skip
         self.storm = StormWatch(
             self.cfg, self.app_cgroup, registry, guard, nonessential_pids,
-            record=self.actions.record, wall=self.clock.wall, hooks=hooks,
+            record=self.actions.record, wall=self.clock.wall, hooks=hooks, permissive_for=permissive_for,
         )  # fmt: skip
         self.warnings = RunWarnings(self.cfg, registry.active, self.actions.record, self.clock.wall)
         self.ticks = 0

@@ -57,6 +57,7 @@ class StormWatch:
         record: RecordFn,
         wall: Callable[[], float],
         hooks: Hooks = NO_HOOKS,
+        permissive_for: Callable[[int], bool] = lambda uid: False,
     ):
         self.cfg = cfg
         self.app_cgroup = app_cgroup
@@ -66,6 +67,7 @@ class StormWatch:
         self._record = record
         self._hooks = hooks
         self._wall = wall
+        self._permissive_for = permissive_for
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
         self.kill_rate = 0.0
         self.oom_rate = 0.0
@@ -148,6 +150,9 @@ class StormWatch:
                 pid, proc.starttime, proc.cgroup
             ):
                 skipped[str(pid)] = "protected: the grace decides"
+                continue
+            if self._permissive_for(proc.uid):
+                skipped[str(pid)] = "permissive: its owner chose it (oomguard settings)"
                 continue
             if self.cfg.dry_run:
                 why = self.guard.refusal(proc)

@@ -38,6 +38,15 @@ def test_permissive_turns_the_storm_guard_off(tmp_path, fake_cgroupfs, procs):
     assert len(ev) == 1 and ev[0]["action"] == "none" and ev[0]["reason"] == "permissive"
 
 
+def test_a_user_who_chose_permissive_keeps_their_processes_through_a_storm(rig, fake_cgroupfs, procs):
+    victim, _ = procs.start("exec sleep 1000")  # nobody's, and nobody chose permissive
+    h = rig.healer(nonessential_pids=lambda: [victim.pid], permissive_for=lambda uid: uid == NOBODY)
+    storm(rig, h, fake_cgroupfs, [0, 2, 6])
+    assert alive(victim.pid)
+    (ev,) = [d for k, d, _ in rig.events if k == "storm"]
+    assert ev["killed"] == [] and "permissive" in ev["skipped"][str(victim.pid)]
+
+
 def test_storm_guard_in_dry_run_kills_nothing(tmp_path, fake_cgroupfs, procs):
     rig = Rig(tmp_path, dry_run=True)
     victim, _ = procs.start("exec sleep 1000")

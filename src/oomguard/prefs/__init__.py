@@ -1,0 +1,1 @@
+"""What the app user may choose for themselves, within what root allows."""
