@@ -302,6 +302,7 @@ def test_kinds_constant_names_the_documented_kinds() -> None:
         "policy",
         "storm",
         "warning",
+        "setting",
     }
     assert json.loads(json.dumps(events.KINDS))  # plain strings
 
