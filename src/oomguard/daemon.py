@@ -27,6 +27,7 @@ from oomguard.broker.cache import Brief
 from oomguard.forensics import events, metrics, oomwatch, privacy, runreport, status
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
+from oomguard.healer.tty import tell_tty
 from oomguard.host import cgroups, journal, procevents, procfs
 from oomguard.host.sdnotify import Notifier as SystemdNotifier
 from oomguard.notify.dispatch import Notifier
@@ -158,6 +159,11 @@ class Daemon:
             run.id, run.user, run.pid, run.exit_status, run.peak_memory, run.end_reason,
         )  # fmt: skip
         self.record("run_end", run_view(run), [run.uid])
+        if run.extra.get("report") and run.tty:  # oom-protect --report
+            try:
+                tell_tty(run.tty, run.uid, runreport.summary(self._run_report(run.id, run.uid)))
+            except Exception:  # noqa: BLE001 - a report must never stop the reaper
+                log.exception("run %d: the report for its terminal failed", run.id)
 
     def on_policy_change(self, change: policy.Change) -> None:
         if change.ok and not change.dry_run:
@@ -198,17 +204,18 @@ class Daemon:
     def op_runs(self, peer: Peer, request: dict) -> dict:
         rid = protocol.integer(request, "id", 0, protocol.MAX_ID, None, "runs: id must be an integer")
         if rid is not None:
-            return {"report": self._run_report(peer, rid)}
+            return {"report": self._run_report(rid, peer.uid)}
         runs = self.registry.all() if protocol.flag(request, "all") else self.registry.active()
         if peer.uid != 0:
             runs = [r for r in runs if r.uid == peer.uid]
         return {"runs": [run_view(r) for r in runs]}
 
-    def _run_report(self, peer: Peer, rid: int) -> dict:
+    def _run_report(self, rid: int, uid: int) -> dict:
+        """Run ``rid``'s report as user ``uid`` (0: root) may see it."""
         run = self.registry.get(rid)
-        if run is None or (peer.uid != 0 and run.uid != peer.uid):
-            raise Refusal(f"no run {rid}" + ("" if peer.uid == 0 else " of yours"))
-        asker = None if peer.uid == 0 else peer.uid
+        if run is None or (uid != 0 and run.uid != uid):
+            raise Refusal(f"no run {rid}" + ("" if uid == 0 else " of yours"))
+        asker = None if uid == 0 else uid
         window = {"since": run.started - 1, "until": (run.ended or time.time()) + 1, "uid": asker}
         kills = self.store.query(kinds=["oom_kill"], limit=runreport.MAX_KILLS, **window)
         stops = self.store.query(kinds=["healer"], limit=runreport.MAX_KILLS, **window)

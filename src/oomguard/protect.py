@@ -27,7 +27,7 @@ EXIT_FAILED = 125  # protection could not be obtained, or a usage error
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 
-USAGE = f"""usage: {PROG} [--] CMD [ARGS...]
+USAGE = f"""usage: {PROG} [--report] [--] CMD [ARGS...]
 
 Run CMD with oom_score_adj -1000, so that the kernel's OOM killer never
 picks it or any process it starts. CMD keeps your environment, working
@@ -35,6 +35,8 @@ directory, terminal, exit status and signals. Already running processes
 cannot be protected, and the shell you type this in is not.
 
 options:
+  --report       when the run ends, the daemon writes its summary (duration,
+                 peak memory, OOM kills while it ran) to this terminal
   -h, --help     show this help and exit
   -V, --version  show the version and exit
 
@@ -116,7 +118,7 @@ def protect_self_directly() -> bool:
         os.close(fd)
 
 
-def ask_broker(path: str, timeout: float = 10.0) -> str:
+def ask_broker(path: str, timeout: float = 10.0, report: bool = False) -> str:
     """Ask the daemon to protect this very process. Returns the reply line;
     raises Refused with a one-line reason."""
     import _socket
@@ -133,7 +135,7 @@ def ask_broker(path: str, timeout: float = 10.0) -> str:
         except OSError as e:
             raise Refused(f"cannot reach the broker at {path}: {e.strerror or e}") from None
         try:
-            s.sendall(b'{"op": "protect", "v": 1}\n')
+            s.sendall(b'{"op": "protect", "v": 1, "report": true}\n' if report else b'{"op": "protect", "v": 1}\n')
             reply = b""
             while not reply.endswith(b"\n") and len(reply) < 65536:
                 chunk = s.recv(4096)
@@ -158,18 +160,25 @@ def ask_broker(path: str, timeout: float = 10.0) -> str:
     raise Refused(error.splitlines()[0][:300])
 
 
-def obtain_protection(env: dict[bytes, bytes]) -> None:
-    if not protect_self_directly():
+def obtain_protection(env: dict[bytes, bytes], report: bool = False) -> None:
+    # A run report needs the daemon's run: ask it even when we could write ourselves.
+    if report or not protect_self_directly():
         sock = env.get(b"OOMGUARD_SOCKET")
-        ask_broker(os.fsdecode(sock) if sock else SOCKET)
+        ask_broker(os.fsdecode(sock) if sock else SOCKET, report=report)
     value = read_own_adj()
     if value != PROTECTED:
         raise Refused(f"protection did not take: oom_score_adj reads {value}, not {PROTECTED}")
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str] | None]:
-    """("run", cmd) or ("help"|"version", None); raises ValueError on misuse."""
+    """("run", cmd), ("report", cmd) or ("help"|"version", None); raises
+    ValueError on misuse."""
     args = argv[1:]
+    if args and args[0] == "--report":
+        what, cmd = parse_args(argv[:1] + args[1:])
+        if what != "run":
+            raise ValueError("--report goes with a command")
+        return "report", cmd
     if args and args[0] == "--":
         args = args[1:]
     elif args and args[0].startswith("-") and args[0] != "-":
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError:
         return _fail(EXIT_CANNOT_RUN, f"{cmd[0]}: permission denied")
     try:
-        obtain_protection(env)
+        obtain_protection(env, report=what == "report")
     except Refused as e:
         return _fail(EXIT_FAILED, f"not protected, {cmd[0]} not run: {e}")
     except OSError as e:

@@ -97,14 +97,15 @@ class Granter:
 
     # ------------------------------------------------------------ the halves
 
-    def grant(self, peer: Peer) -> Run:
-        started = self.start(peer)
+    def grant(self, peer: Peer, *, report: bool = False) -> Run:
+        started = self.start(peer, report=report)
         return started if isinstance(started, Run) else self.finish(started)
 
-    def start(self, peer: Peer) -> Run | Pending:
+    def start(self, peer: Peer, *, report: bool = False) -> Run | Pending:
         """The fast half: the run the peer already belongs to (asked again),
-        or a reserved ``Pending``. Refusal otherwise, logged and reported."""
-        return self._reported(peer, lambda: self._start(peer))
+        or a reserved ``Pending``. Refusal otherwise, logged and reported.
+        ``report``: tell the run's terminal its summary when it ends."""
+        return self._reported(peer, lambda: self._start(peer, report))
 
     def finish(self, pending: Pending) -> Run:
         """The slow half; the reservation ends either way."""
@@ -131,7 +132,7 @@ class Granter:
             self.on_refusal(peer, r.reason, str(r))
             raise
 
-    def _start(self, peer: Peer) -> Run | Pending:
+    def _start(self, peer: Peer, report: bool = False) -> Run | Pending:
         if not is_allowed(self.config, peer):
             raise Refusal(refusal_text(self.config, peer), RefusalReason.NOT_ALLOWED)
         pinned = peer.pinned
@@ -167,6 +168,7 @@ class Granter:
             command=self.command_of(peer),
             cgroup=None,
             tty=tty_path(st.tty_nr),
+            extra={"report": True} if report else {},
         )
         where = placement.plan(run_id, peer.pid, caller_cgroup if self.config.run_cgroups else None)
         self._reserve(run)  # the last step: from here on, finish or cancel releases it

@@ -36,6 +36,7 @@ from oomguard.broker.protocol import (
     MAX_REQUEST,
     Refusal,
     encode,
+    flag,
     integer,
     parse_request,
     refused,
@@ -271,8 +272,8 @@ class Broker:
     def _protect(self, conn: _Conn, request: dict) -> None:
         """The grant's fast half here; a slow placement in the placement pool."""
         try:
-            _check_protect(request)
-            started = self.granter.start(conn.peer)
+            report = _check_protect(request)
+            started = self.granter.start(conn.peer, report=report)
         except Refusal as r:
             self._reply(conn, refused(str(r)))
             return
@@ -302,8 +303,8 @@ class Broker:
         op = request["op"]
         if op == "protect":
             try:
-                _check_protect(request)
-                return _granted(self.granter.grant(peer))
+                report = _check_protect(request)
+                return _granted(self.granter.grant(peer, report=report))
             except Refusal as r:
                 return refused(str(r))
         if op == "ping":
@@ -390,8 +391,10 @@ class Broker:
         conn.sock.close()
 
 
-def _check_protect(request: dict) -> None:
+def _check_protect(request: dict) -> bool:
+    """Whether the run's summary goes to its terminal at its end."""
     integer(request, "v", 0, 1 << 16, 1, "protect: v must be a small integer (the protocol version)")
+    return flag(request, "report")
 
 
 def _granted(run: Run) -> dict:

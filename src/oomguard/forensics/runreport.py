@@ -60,3 +60,16 @@ def _victim(event: dict[str, Any]) -> dict[str, Any]:
         return {"victim": d["victim"], "oom_memcg": d.get("oom_memcg")}
     return {"victim_pid": d.get("victim_pid"), "victim_comm": d.get("victim_comm"),
             "victim_uid": d.get("victim_uid"), "oom_memcg": d.get("oom_memcg")}  # fmt: skip
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line for the run's terminal at its end (oom-protect --report)."""
+    run = report["run"]
+    peak = report["peak_memory"]
+    kills = report["oom_kills"]
+    return (
+        f"oomguard: run {run['id']} ended after {round(report['duration'])} s"
+        f" ({report['ended_by'] or 'running'}, exit status {run.get('exit_status')});"
+        f" peak memory {'-' if peak is None else f'{peak / (1 << 20):.0f} MiB'};"
+        f" {len(kills)} OOM kill{'s' if len(kills) != 1 else ''} while it ran"
+    )
