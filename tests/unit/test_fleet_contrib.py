@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import grafana_dashboard
@@ -166,3 +167,81 @@ def test_every_panel_query_parses_as_promql(tmp_path):
     bad = path.with_name("bad.yml")  # the check can fail
     bad.write_text(yaml.safe_dump({"groups": [{"name": "p", "rules": [{"record": "x:y", "expr": "sum by (a (b)"}]}]}))
     assert subprocess.run([PROMTOOL, "check", "rules", str(bad)], capture_output=True, timeout=60).returncode != 0
+
+
+# --------------------------------------------------------------- the Ansible role
+
+ANSIBLE = REPO / "contrib" / "ansible"
+ROLE = ANSIBLE / "roles" / "oomguard"
+ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook")
+NO_ANSIBLE = "ansible-playbook is not installed (Debian: apt-get install ansible-core)"
+
+
+def ansible(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+           "ANSIBLE_HOME": str(tmp_path / "home"), "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles")}  # fmt: skip
+    return subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-c", "local", "-i", "localhost,", "-e", "ansible_python_interpreter=/usr/bin/python3",
+         *args], capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+def test_the_role_has_tasks_handlers_defaults_and_templates_that_fit_together():
+    tasks = yaml.safe_load((ROLE / "tasks" / "main.yml").read_text())
+    handlers = yaml.safe_load((ROLE / "handlers" / "main.yml").read_text())
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    assert all(t.get("name") for t in tasks + handlers)
+    handler_names = {h["name"] for h in handlers}
+    assert {t["notify"] for t in tasks if "notify" in t} == handler_names == {"Reload oomguard"}
+    assert handlers[0]["ansible.builtin.systemd"] == {"name": "oomguard.service", "state": "reloaded"}
+    by_name = {t["name"]: t for t in tasks}
+    assert by_name["Install the oomguard package from a .deb"]["ansible.builtin.apt"] == {"deb": "{{ oomguard_deb }}"}
+    setup = by_name["Run oomguard setup"]
+    assert setup["changed_when"] == "'nothing changed' not in oomguard_setup_result.stdout"
+    for t in tasks:  # every file is checked by oomguard before it replaces the old one
+        if "ansible.builtin.template" in t:
+            assert t["ansible.builtin.template"]["validate"] == "{{ oomguard_bin }} config check %s"
+            assert (ROLE / "templates" / t["ansible.builtin.template"]["src"]).is_file()
+    used = set(re.findall(r"\boomguard_[a-z_]+", (ROLE / "tasks" / "main.yml").read_text()))
+    assert used - {"oomguard_setup_result", "oomguard_toml", "oomguard_toml_what"} <= set(defaults)
+
+
+@pytest.mark.skipif(ANSIBLE_PLAYBOOK is None, reason=NO_ANSIBLE)
+def test_the_example_play_and_the_role_pass_ansibles_syntax_check(tmp_path):
+    out = ansible(tmp_path, "--syntax-check", str(ANSIBLE / "site.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+TOML_CASES = {
+    "base": {
+        "metrics": {"listen": "", "textfile": "/var/lib/prometheus/node-exporter/oomguard.prom", "top_comms": 5},
+        "protect": {"allow_users": ["root", "nobody"], "run_cgroups": False, "max_runs_per_uid": 8},
+        "healer": {"grace": "3m", "dry_run": True,
+                   "window": [{"from": "23:00", "to": "07:00", "grace": "15m"}],
+                   "check": [{"name": "shop", "http": "http://127.0.0.1/", "interval": "5s"}],
+                   "service": [{"name": "php-fpm", "restart": "systemctl restart php8.2-fpm"}]},
+        "notify": {"webhook": [{"url": "https://hooks.example.com/o", "headers": {"Authorization": "Bearer \"x\""}}]},
+    },
+    "empty": {},
+}  # fmt: skip
+
+
+@pytest.mark.skipif(ANSIBLE_PLAYBOOK is None, reason=NO_ANSIBLE)
+def test_the_config_template_renders_the_variables_as_toml_that_oomguard_accepts(tmp_path, bin_path):
+    """The role's template, rendered by Ansible itself, reads back as the
+    variables it was given and passes `oomguard config check`."""
+    book = tmp_path / "render.yml"
+    book.write_text(yaml.safe_dump([{"hosts": "localhost", "gather_facts": False, "tasks": [
+        {"ansible.builtin.template": {"src": str(ROLE / "templates" / "oomguard.toml.j2"),
+                                      "dest": str(tmp_path / f"{name}.toml")},
+         "vars": {"oomguard_toml": data, "oomguard_toml_what": "a test"}}
+        for name, data in TOML_CASES.items()]}]))  # fmt: skip
+    out = ansible(tmp_path, str(book))
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name, data in TOML_CASES.items():
+        text = (tmp_path / f"{name}.toml").read_text()
+        assert tomllib.loads(text) == data, text
+        check = subprocess.run([bin_path / "oomguard", "config", "check", str(tmp_path / f"{name}.toml")],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
