@@ -87,6 +87,7 @@ def play(tmp_path_factory) -> Iterator[callable]:
         systemctl("daemon-reload")
         systemctl("reset-failed", check=False)
         shutil.rmtree(ETC, ignore_errors=True)
+        Path(BASE["metrics"]["textfile"]).unlink(missing_ok=True)
         if saved.exists():
             shutil.copytree(saved, ETC)
 
@@ -98,8 +99,10 @@ def test_the_role_changes_the_host_then_nothing_then_applies_a_changed_dropin(pl
     main = tomllib.loads((ETC / "oomguard.toml").read_text())
     assert main == BASE
     assert tomllib.loads((ETC / "oomguard.toml.d" / "50-plan.toml").read_text()) == PLAN
-    shown = json.loads(oomguard("config", "show", "--json").stdout)
-    assert "oomguard.toml.d/50-plan.toml" in json.dumps(shown)  # merged, with where it came from
+    shown = json.loads(oomguard("config", "show", "--json").stdout)  # merged, with where each came from
+    origin = {v["key"]: v["from"] for v in shown["values"]}
+    assert origin["metrics.top_comms"] == str(ETC / "oomguard.toml.d" / "50-plan.toml")
+    assert origin["metrics.textfile"] == str(ETC / "oomguard.toml")
     # setup ran: the slice and the daemon, which the handler then reloaded
     assert APP_SLICE.exists() and unit_property("oomguard.service", "ActiveState") == "active"
     assert "TASK [oomguard : Run oomguard setup]" in out and "RUNNING HANDLER [oomguard : Reload oomguard]" in out
