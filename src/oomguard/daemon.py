@@ -7,6 +7,7 @@ Threads, each with one concern, so that none can stall another:
   oomwatch   kernel OOM reports from /dev/kmsg, attributed to runs
   healer     health checks, grace windows, kills and restarts
   metrics    the Prometheus exporter (prometheus-client's own thread)
+  textfile   the same metrics for node_exporter, rewritten periodically
 The daemon keeps itself at oom_score_adj -1000; what it starts begins at 0.
 """
 
@@ -96,6 +97,7 @@ class Daemon:
         self.policy_applied = threading.Event()  # READY=1 waits for it
         self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.settings = UserSettings(state_dir / "settings.json", frozenset(cfg.protect.user_settings))
+        self.textfile = metrics.TextfileWriter.attach(self.metrics, cfg.metrics) if cfg.metrics.textfile else None
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.broker = Broker(cfg, self.granter, self.handlers())  # queries run in its pool
         self.status_view = Brief(self._status_snapshot, ttl=1.0)  # many askers, one /proc scan
@@ -375,6 +377,8 @@ class Daemon:
             self._thread("healer", self.healer.run, self.stop)
         if self.cfg.metrics.listen:
             self.metrics_server = self.metrics.serve(self.cfg.metrics.listen)
+        if self.textfile is not None:
+            self._thread("textfile", self.textfile.run, self.stop)
         self._thread("watchdog", self.liveness.run, self.stop)
         log.info("oomguard daemon %d serving %s", os.getpid(), self.cfg.protect.socket)
         # Type=notify: ready once the socket listens and the policy is applied.
@@ -400,6 +404,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.systemd.stopping()
+        if self.textfile is not None:
+            self.textfile.wake()  # its wait ends now, not after the interval
         for t in self.threads:
             t.join(timeout=5)
         if self.metrics_server is not None:

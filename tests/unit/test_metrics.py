@@ -361,6 +361,7 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: warning, instance: h1, comm: php-fpm, cgroup: /system.slice/php.service}}
             exp_annotations:
+              runbook_url: "file:///usr/share/doc/oomguard/runbook.md#oomguardoomkill"
               summary: "OOM killer killed php-fpm in /system.slice/php.service on h1"
               description: "The kernel OOM killer killed 1 process(es) named php-fpm in the last 10 minutes. Run `oomguard events --since 1h` on the host to see the victims and the protected runs alive at the time."
       - eval_time: 20m
@@ -377,6 +378,7 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: critical, instance: h1}}
             exp_annotations:
+              runbook_url: "file:///usr/share/doc/oomguard/runbook.md#oomguardoomlivelock"
               summary: "OOM with nothing killable on h1"
               description: "The kernel keeps reporting \\"Out of memory and no killable processes\\": every candidate is protected (oom_score_adj -1000). The affected cgroup is stuck until memory is freed or a protection is lifted."
       - eval_time: 9m
@@ -390,6 +392,7 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: warning, instance: h1}}
             exp_annotations:
+              runbook_url: "file:///usr/share/doc/oomguard/runbook.md#oomguardappmemorynearlimit"
               summary: "App slice at 99% of its memory limit on h1"
               description: "The app slice has used more than 95% of its memory limit for 10 minutes; the next allocation spike ends in an OOM kill inside it."
       - eval_time: 8m

@@ -100,6 +100,7 @@ def test_ships_the_commands_the_unit_the_config_the_manual_and_completion(deb):
         "usr/share/bash-completion/completions/hypernode-oom-protect",
         f"{DIST}/oomguard/protect.py",
         "usr/share/doc/oomguard/copyright",
+        "usr/share/doc/oomguard/runbook.md",  # every alert's runbook_url, uncompressed
     ):
         assert path in files, path
     # Debian's prometheus-client is used, not a copy; no venv, no pip.

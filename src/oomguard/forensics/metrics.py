@@ -1,4 +1,4 @@
-"""Prometheus metrics for fleets, on a loopback port.
+"""Prometheus metrics for fleets, on a loopback port and/or in a textfile.
 
 Every metric lives in the ``Metrics`` object's own registry (not the
 process-wide default), so tests and reloads never see stale series.
@@ -18,7 +18,7 @@ import math
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -29,7 +29,8 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 from oomguard import __version__
-from oomguard.config import parse_listen  # the one check, shared with `config check`
+from oomguard.config import MetricsConfig, parse_listen  # the one check, shared with `config check`
+from oomguard.host import statefile
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
@@ -212,11 +213,14 @@ class Metrics:
         )
         for g in (self._app_current, self._app_limit):
             g.set(math.nan)
+        # Told of each kill after it is counted (the textfile writes at once).
+        self.on_oom_kill: Callable[[], None] = lambda: None
 
     # -------------------------------------------------------------- updates
 
     def oom_kill(self, comm: str | None, cgroup: str | None) -> None:
         self._kills.add(comm or "unknown", cgroup_label(cgroup))
+        self.on_oom_kill()
 
     def oom_livelock(self) -> None:
         self._livelocks.inc()
@@ -315,3 +319,55 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class TextfileWriter:
+    """The registry as a ``.prom`` file for node_exporter's textfile
+    collector: rewritten every ``interval`` and as soon as ``wake`` is
+    called. Each write is a temp file in the same directory, fsynced and
+    renamed over the old one (mode 0644, node_exporter runs as its own
+    user), so node_exporter never reads half a file; the temp file's name
+    does not end in .prom, so it is never collected either."""
+
+    def __init__(self, registry: CollectorRegistry, path: str, interval: float):
+        self.registry = registry
+        self.path = path
+        self.interval = interval
+        self._wake = threading.Event()
+        self._last_error: str | None = None
+
+    @classmethod
+    def attach(cls, metrics: Metrics, cfg: MetricsConfig) -> TextfileWriter:
+        """A writer of ``metrics`` to ``cfg.textfile``, woken by each OOM kill."""
+        writer = cls(metrics.registry, cfg.textfile, cfg.textfile_interval)
+        metrics.on_oom_kill = writer.wake
+        return writer
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def write(self) -> bool:
+        """One write; a failure (no such directory, a full disk) is logged
+        when it first happens and when it clears, never raised."""
+        try:
+            text = generate_latest(self.registry).decode()
+            statefile.write_text_atomic(self.path, text, mode=0o644, parents=False)
+        except OSError as e:
+            error = f"{e.strerror or e} ({type(e).__name__})"
+            if error != self._last_error:
+                log.warning("metrics textfile %s not written: %s", self.path, error)
+            self._last_error = error
+            return False
+        if self._last_error is not None:
+            log.info("metrics textfile %s written again", self.path)
+            self._last_error = None
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop`` is set (call ``wake`` after setting it to end the
+        wait at once); writes once more on the way out."""
+        while not stop.is_set():
+            self.write()
+            self._wake.wait(self.interval)
+            self._wake.clear()
+        self.write()

@@ -15,14 +15,20 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_text_atomic(path, json.dumps(data, sort_keys=True))
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """write_json_atomic for text the caller encoded already."""
+def write_text_atomic(
+    path: str | os.PathLike[str], text: str, *, mode: int = 0o600, parents: bool = True
+) -> None:
+    """write_json_atomic for text the caller encoded already. ``mode`` is
+    set whatever the umask; ``parents=False`` leaves a missing directory an
+    error (FileNotFoundError) instead of creating it."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
+            os.fchmod(fd, mode)  # before the rename: no reader sees another mode
             payload = memoryview(text.encode())
             while payload:  # a short write is possible on a nearly full disk
                 payload = payload[os.write(fd, payload):]
