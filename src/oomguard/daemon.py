@@ -18,14 +18,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from oomguard import config
-from oomguard.broker import Broker, Granter, Handler, Peer, Refusal, protocol
-from oomguard.broker.cache import Brief
-from oomguard.forensics import events, metrics, oomwatch, privacy, runreport, status
+from oomguard.broker import Broker, Granter, Peer
+from oomguard.forensics import events, metrics, oomwatch, runreport, status
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
 from oomguard.healer.tty import tell_tty
@@ -34,10 +32,11 @@ from oomguard.host.sdnotify import Notifier as SystemdNotifier
 from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
-from oomguard.prefs.settings import SettingError, UserSettings
+from oomguard.prefs.settings import UserSettings
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import Run, RunRegistry
 from oomguard.runs.views import run_view
+from oomguard.socketops import SocketOps
 from oomguard.telemetry.liveness import Liveness, TickWatch
 from oomguard.telemetry.reasons import RefusalReason
 
@@ -99,8 +98,8 @@ class Daemon:
         self.settings = UserSettings(state_dir / "settings.json", frozenset(cfg.protect.user_settings))
         self.textfile = metrics.TextfileWriter.attach(self.metrics, cfg.metrics) if cfg.metrics.textfile else None
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
-        self.broker = Broker(cfg, self.granter, self.handlers())  # queries run in its pool
-        self.status_view = Brief(self._status_snapshot, ttl=1.0)  # many askers, one /proc scan
+        self.ops = SocketOps(self)
+        self.broker = Broker(cfg, self.granter, self.ops.handlers())  # queries run in its pool
         self.enforcer = Enforcer.from_config(cfg, self.registry, on_change=self.on_policy_change)
         self.app_cgroup = cgroups.app_group(cfg.layout.app_slice, cfg.layout.app_cgroup)
         self.healer = healer.Healer(
@@ -163,7 +162,7 @@ class Daemon:
         self.record("run_end", run_view(run), [run.uid])
         if run.extra.get("report") and run.tty:  # oom-protect --report
             try:
-                tell_tty(run.tty, run.uid, runreport.summary(self._run_report(run.id, run.uid)))
+                tell_tty(run.tty, run.uid, runreport.summary(self.ops.run_report(run.id, run.uid)))
             except Exception:  # noqa: BLE001 - a report must never stop the reaper
                 log.exception("run %d: the report for its terminal failed", run.id)
 
@@ -191,110 +190,6 @@ class Daemon:
         procs = [p for p in procfs.iter_processes() if p.cgroup and (p.cgroup == app or p.cgroup.startswith(app + "/"))]
         decisions = policy.plan(procs, policy.classes_for(self.cfg), self.registry)
         return [d.pid for d in decisions if d.class_name and not d.essential and d.uid != 0]
-
-    # ------------------------------------------------------------ socket ops
-
-    def handlers(self) -> dict[str, Handler]:
-        return {
-            "runs": self.op_runs,
-            "kill-run": self.op_kill_run,
-            "events": self.op_events,
-            "status": self.op_status,
-            "settings": self.op_settings,
-        }
-
-    def op_runs(self, peer: Peer, request: dict) -> dict:
-        rid = protocol.integer(request, "id", 0, protocol.MAX_ID, None, "runs: id must be an integer")
-        if rid is not None:
-            return {"report": self._run_report(rid, peer.uid)}
-        runs = self.registry.all() if protocol.flag(request, "all") else self.registry.active()
-        if peer.uid != 0:
-            runs = [r for r in runs if r.uid == peer.uid]
-        return {"runs": [run_view(r) for r in runs]}
-
-    def _run_report(self, rid: int, uid: int) -> dict:
-        """Run ``rid``'s report as user ``uid`` (0: root) may see it."""
-        run = self.registry.get(rid)
-        if run is None or (uid != 0 and run.uid != uid):
-            raise Refusal(f"no run {rid}" + ("" if uid == 0 else " of yours"))
-        asker = None if uid == 0 else uid
-        window = {"since": run.started - 1, "until": (run.ended or time.time()) + 1, "uid": asker}
-        kills = self.store.query(kinds=["oom_kill"], limit=runreport.MAX_KILLS, **window)
-        stops = self.store.query(kinds=["healer"], limit=runreport.MAX_KILLS, **window)
-        return runreport.build(run_view(run), privacy.events_for(kills, asker), stops, time.time())
-
-    def op_settings(self, peer: Peer, request: dict) -> dict:
-        """The caller's own settings; with ``name`` and ``value``, change one."""
-        name, value = request.get("name"), request.get("value")
-        if name is None:
-            return {"settings": self.settings.of(peer.uid)}
-        if not isinstance(name, str) or len(name) > 64:
-            raise Refusal("settings: name must be a setting's name", RefusalReason.INVALID)
-        if not isinstance(value, str | bool) or isinstance(value, str) and len(value) > 16:
-            raise Refusal("settings: value must be on or off", RefusalReason.INVALID)
-        try:
-            old, new = self.settings.change(peer.uid, name, value)
-        except SettingError as e:
-            raise Refusal(str(e)) from None
-        self.emit("setting", {"uid": peer.uid, "user": peer.user, "name": name, "old": old, "new": new},
-                  [peer.uid])  # fmt: skip
-        return {"settings": self.settings.of(peer.uid), "changed": old != new}
-
-    def op_kill_run(self, peer: Peer, request: dict) -> dict:
-        """Root ends any run; a user ends their own (as the healer's warning
-        tells them to). Another user's run is refused as if it did not exist."""
-        rid = protocol.integer(request, "id", 0, protocol.MAX_ID, None, "kill-run needs an integer id")
-        if rid is None:
-            raise Refusal("kill-run needs an integer id")
-        run = self.registry.get(rid)
-        if run is None or (peer.uid != 0 and run.uid != peer.uid):
-            raise Refusal(f"no run {rid}" + ("" if peer.uid == 0 else " of yours"))
-        if not run.active:
-            raise Refusal(f"run {rid} already ended ({run.end_reason})")
-        who = "an administrator" if peer.uid == 0 else "its owner"
-        result = self.healer.kill_run(run, why=f"stopped by {who} (oomguard kill-run)")
-        what = f"run {rid} ({run.user}: {run.command[:60]})"
-        if result.get("action") == "killed":
-            return {"result": result, "message": f"{what} stopped"}
-        # spared_some / kill_failed: say so, and fail the command
-        raise Refusal(f"{what} not fully stopped: {result.get('action')}; see oomguard events --kind healer")
-
-    def op_events(self, peer: Peer, request: dict) -> dict:
-        """One page of events, newest first across pages: at most ``page``
-        (and ``limit``) events before the ``before`` cursor, oldest first,
-        and ``next`` to ask for the older ones."""
-        since = protocol.number(request, "since", -protocol.MAX_TIMESTAMP, protocol.MAX_TIMESTAMP,
-                                "since must be a number (epoch seconds)")  # fmt: skip
-        kinds = protocol.strings(request, "kinds", 64, 64, "kinds must be a list of strings")
-        limit = protocol.integer(request, "limit", 1, 100_000, 1000, "limit must be an integer from 1 to 100000")
-        size = protocol.integer(request, "page", 1, events.MAX_PAGE, events.PAGE, "page must be an integer from 1 to 500")
-        before = protocol.cursor(request, "before")
-        uid = None if peer.uid == 0 else peer.uid
-        rows, more = self.store.page(before=before, since=since, kinds=kinds, uid=uid, limit=min(limit, size))
-        rows = privacy.events_for(rows, uid)
-        fits = protocol.fitting(rows)  # a page of huge events is cut, never the reply unbounded
-        more, rows = more or fits < len(rows), rows[len(rows) - fits :]
-        last = more and rows and len(rows) < limit
-        return {"events": rows, "next": [rows[0]["ts"], rows[0]["id"]] if last else None}
-
-    def op_status(self, peer: Peer, request: dict) -> dict:
-        root = peer.uid == 0
-        view = self.status_view.get()
-        out = dict(view["system"])
-        out["protected"] = [p for p in view["protected"] if root or p["uid"] == peer.uid]
-        out["runs"] = [run_view(r) for r in self.registry.active() if root or r.uid == peer.uid]
-        out["healer"] = view["healer"]
-        if not root:  # other users' runs and commands are not theirs to see
-            out["healer"] = {k: v for k, v in out["healer"].items() if k not in ("last_actions", "killed_runs")}
-        kills = self.store.query(kinds=["oom_kill"], uid=None if root else peer.uid, limit=5)
-        out["last_oom_kills"] = privacy.events_for(kills, None if root else peer.uid)
-        out["daemon"] = {"pid": os.getpid(), "process_events": self.events_mode, "config": self.cfg.source}
-        return out
-
-    def _status_snapshot(self) -> dict:
-        """The costly part of status (a /proc scan, the healer's lock), as root sees it."""
-        return {"system": status.collect(self.cfg), "protected": status.protected_processes(None),
-                "healer": self.healer.status()}  # fmt: skip
 
     # ------------------------------------------------------------ threads
 

@@ -105,10 +105,10 @@ def test_status_shows_a_user_only_their_own_part(daemon: Daemon) -> None:
 
 def test_many_status_askers_cost_one_scan(daemon: Daemon, monkeypatch) -> None:
     scans = []
-    real = daemon._status_snapshot
+    real = daemon.ops._status_snapshot
     now = [100.0]
-    monkeypatch.setattr(daemon.status_view, "compute", lambda: scans.append(1) or real())
-    monkeypatch.setattr(daemon.status_view, "clock", lambda: now[0])
+    monkeypatch.setattr(daemon.ops.status_view, "compute", lambda: scans.append(1) or real())
+    monkeypatch.setattr(daemon.ops.status_view, "clock", lambda: now[0])
     path = daemon.cfg.protect.socket
     replies = [ask(path, {"op": "status"}) for _ in range(3)] + [ask_as_nobody(path, {"op": "status"})]
     assert all(r["ok"] for r in replies) and len(scans) == 1  # within the cache's second

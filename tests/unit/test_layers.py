@@ -25,8 +25,9 @@ RANK = {
     "broker": 3,
     "healer": 3,
     "notify": 3,
-    "daemon": 4,
-    "cli": 5,
+    "socketops": 4,
+    "daemon": 5,
+    "cli": 6,
 }
 # What only host/ may name: the kernel's files, the user database, netlink,
 # systemd's tools. protect.py is the stdlib-only client and reads its own
