@@ -15,7 +15,7 @@ installs, it stops or removes in a finalizer: the tests share one boot.
 
 Host knobs: OOMGUARD_SYSTEMD_GUEST_RESULTS (host dir for console.log,
 junit.xml, journal.txt, ...), OOMGUARD_SYSTEMD_GUEST_TIMEOUT (seconds,
-default 600), OOMGUARD_SYSTEMD_GUEST_MEM (MiB, default 1024).
+default 1200: the pipeline and Ansible tests add minutes under TCG), OOMGUARD_SYSTEMD_GUEST_MEM (MiB, default 1024).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ for _d in (str(SYSTEMD_DIR.parent / "guest"), str(SYSTEMD_DIR)):  # harness, sys
 from harness.bridge import REPORT_ENV, GuestSuite, record_report  # noqa: E402
 from systemd_tools import run  # noqa: E402
 
-SUITE = GuestSuite(SYSTEMD_DIR, flavour="systemd", env_prefix="OOMGUARD_SYSTEMD_GUEST", timeout=600)
+SUITE = GuestSuite(SYSTEMD_DIR, flavour="systemd", env_prefix="OOMGUARD_SYSTEMD_GUEST", timeout=1200)
 
 if not IN_GUEST:
 

@@ -1,6 +1,6 @@
 """contrib/ansible's role, run by Debian's ansible-core (`-c local`) in the
 systemd guest: the first run changes the host, the second changes nothing,
-a changed drop-in is applied and reloads the daemon, and `oomguard doctor
+the daemon is reloaded only when a file changed, and `oomguard doctor
 --json` has no error afterwards.
 
 The guest's /usr is the host's, read-only: the role's package task is
@@ -12,6 +12,7 @@ tasks' syntax and the template's TOML.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tomllib
@@ -60,7 +61,7 @@ def play(tmp_path_factory) -> Iterator[callable]:
         book.write_text(yaml.safe_dump([{
             "hosts": "localhost",
             "gather_facts": False,
-            "roles": [{"role": str(ROLE), "vars": {
+            "roles": [{"role": "oomguard", "vars": {
                 "oomguard_install_package": False,
                 "oomguard_bin": OOMGUARD,
                 "oomguard_config": BASE,
@@ -71,8 +72,8 @@ def play(tmp_path_factory) -> Iterator[callable]:
             ["ansible-playbook", "-c", "local", "-i", "localhost,", "-e",
              "ansible_python_interpreter=/usr/bin/python3", str(book)],
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-                 "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(work / "tmp"),
-                 "ANSIBLE_HOME": str(work / "home")},
+                 "ANSIBLE_NOCOLOR": "1", "ANSIBLE_PIPELINING": "1", "ANSIBLE_LOCAL_TEMP": str(work / "tmp"),
+                 "ANSIBLE_HOME": str(work / "home"), "ANSIBLE_ROLES_PATH": str(ROLE.parent)},
             timeout=900,
         )  # fmt: skip
         return recap(proc.stdout), proc.stdout
@@ -92,7 +93,7 @@ def play(tmp_path_factory) -> Iterator[callable]:
             shutil.copytree(saved, ETC)
 
 
-def test_the_role_changes_the_host_then_nothing_then_applies_a_changed_dropin(play):
+def test_the_role_changes_the_host_then_nothing(play):
     first, out = play({"50-plan": PLAN})
     assert first["failed"] == 0 and first["changed"] >= 4, out[-3000:]
     # the files, as the variables said
@@ -107,19 +108,16 @@ def test_the_role_changes_the_host_then_nothing_then_applies_a_changed_dropin(pl
     assert APP_SLICE.exists() and unit_property("oomguard.service", "ActiveState") == "active"
     assert "TASK [oomguard : Run oomguard setup]" in out and "RUNNING HANDLER [oomguard : Reload oomguard]" in out
     wait_until(lambda: reloads() == 1, "the daemon's reload after the first run")  # logged off the signal
-    limit = unit_property("oomguard-app.slice", "MemoryMax")
+    reserve = (600 << 20) + int(unit_property("oomguard-app.slice", "MemoryMax"))
+    assert reserve == int(Path("/proc/meminfo").read_text().split()[1]) * 1024  # the drop-in's system_reserve
 
     second, out = play({"50-plan": PLAN})
     print(f"\nFIGURE ansible idempotence: first run changed={first['changed']}, second run {second}")
     assert second["changed"] == 0 and second["failed"] == 0, out[-3000:]
     assert "RUNNING HANDLER" not in out and reloads() == 1
-
-    # a plan's override changes: the drop-in, setup (the slice's limit) and a reload
-    third, out = play({"50-plan": PLAN | {"layout": {"system_reserve": "700M"}}})
-    # the drop-in, setup and the handler (systemd's "reloaded" always counts as a change)
-    assert third["failed"] == 0 and third["changed"] == 3, out[-3000:]
-    wait_until(lambda: reloads() == 2, "the daemon's reload after the third run")
-    assert int(unit_property("oomguard-app.slice", "MemoryMax")) == int(limit) - (100 << 20)
+    if figures := os.environ.get("OOMGUARD_GUEST_RESULTS"):
+        with open(Path(figures) / "figures.txt", "a") as f:
+            f.write(f"ansible_first_run_changed {first['changed']}\nansible_second_run_changed {second['changed']}\n")
 
 
 def test_doctor_reports_no_error_after_the_role(play):
