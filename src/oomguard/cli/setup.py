@@ -84,12 +84,12 @@ def service_value(service: str, classes: tuple[PolicyClass, ...]) -> int | None:
 # terminal), NoNewPrivileges (a mail hook's sendmail is setgid postdrop),
 # PrivateUsers and ProtectHome=yes (hooks run as their users, a run's cwd
 # may be in a home), ProtectKernelTunables (remounts /sys, cgroupfs with it,
-# read-only), ProtectClock (its DeviceAllow= closes /dev/kmsg and the ttys).
+# read-only), ProtectClock (its DeviceAllow= closes /dev/kmsg and the ttys),
+# PrivateTmp (the daemon's own code may live under /tmp: a checkout, a venv).
 HARDENING = (
     "# Sandbox: README.md (Debian: /usr/share/doc/oomguard) says what is left out and why.\n"
     "ProtectSystem=full\n"
     "ProtectHome=read-only\n"
-    "PrivateTmp=yes\n"
     "PrivateMounts=yes\n"
     "MemoryDenyWriteExecute=yes\n"
     "UMask=0077\n"
