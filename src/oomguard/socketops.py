@@ -44,11 +44,17 @@ class SocketOps:
             runs = [r for r in runs if r.uid == peer.uid]
         return {"runs": [run_view(r) for r in runs]}
 
-    def run_report(self, rid: int, uid: int) -> dict:
-        """Run ``rid``'s report as user ``uid`` (0: root) may see it."""
+    def _own_run(self, rid: int, uid: int):
+        """Run ``rid`` if user ``uid`` (0: root) may act on it; another
+        user's run is refused as if it did not exist."""
         run = self.d.registry.get(rid)
         if run is None or (uid != 0 and run.uid != uid):
             raise Refusal(f"no run {rid}" + ("" if uid == 0 else " of yours"))
+        return run
+
+    def run_report(self, rid: int, uid: int) -> dict:
+        """Run ``rid``'s report as user ``uid`` (0: root) may see it."""
+        run = self._own_run(rid, uid)
         asker = None if uid == 0 else uid
         window = {"since": run.started - 1, "until": (run.ended or time.time()) + 1, "uid": asker}
         kills = self.d.store.query(kinds=["oom_kill"], limit=runreport.MAX_KILLS, **window)
@@ -78,9 +84,7 @@ class SocketOps:
         rid = protocol.integer(request, "id", 0, protocol.MAX_ID, None, "kill-run needs an integer id")
         if rid is None:
             raise Refusal("kill-run needs an integer id")
-        run = self.d.registry.get(rid)
-        if run is None or (peer.uid != 0 and run.uid != peer.uid):
-            raise Refusal(f"no run {rid}" + ("" if peer.uid == 0 else " of yours"))
+        run = self._own_run(rid, peer.uid)
         if not run.active:
             raise Refusal(f"run {rid} already ended ({run.end_reason})")
         who = "an administrator" if peer.uid == 0 else "its owner"
