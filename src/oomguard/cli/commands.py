@@ -51,8 +51,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     from oomguard.config import dropins
 
     path = args.path or args.config
-    cfg = config.load(path)  # refuses what the daemon would refuse
-    layers = config.read_layers(*((config.DEFAULT_PATH, False) if path is None else (Path(path), True)))
+    # refuses what the daemon would refuse
+    cfg, layers = config.load_layers(*((config.DEFAULT_PATH, False) if path is None else (Path(path), True)))
     leaves = dropins.flatten(layers.data)
     if args.json:
         _json({"files": list(cfg.files), "values": [

@@ -29,8 +29,8 @@ from oomguard.config.load import (
     Config,
     Layers,
     load_file,
+    load_layers,
     parse,
-    read_layers,
 )
 from oomguard.config.metrics import MetricsConfig, parse_listen
 from oomguard.config.notify import ExecHook, NotifyConfig, WebhookHook
@@ -54,7 +54,7 @@ from oomguard.host.users import login_uid_range
 
 __all__ = [
     "DEFAULT_PATH", "DEFAULT_SOCKET", "MAX_BYTES", "OOM_SCORE_ADJ_MAX", "OOM_SCORE_ADJ_MIN",
-    "Check", "Config", "ConfigError", "Layers", "read_layers", "EventsConfig", "ExecHook", "NotifyConfig", "WebhookHook", "HealerConfig", "LayoutConfig", "MetricsConfig",
+    "Check", "Config", "ConfigError", "Layers", "load_layers", "EventsConfig", "ExecHook", "NotifyConfig", "WebhookHook", "HealerConfig", "LayoutConfig", "MetricsConfig",
     "PolicyClass", "PolicyConfig", "ProtectConfig", "Service", "Window",
     "load", "login_uid_range", "parse", "parse_clock", "parse_duration", "parse_listen", "parse_policy_class",
     "parse_size", "resolve_group", "resolve_user", "split_argv", "windows_overlap",

@@ -143,11 +143,16 @@ def read_layers(p: Path, explicit: bool = True) -> Layers:
 def load_file(p: Path, explicit: bool = True) -> Config:
     """Load one config file and its drop-ins; an error names the file the
     offending key came from."""
+    return load_layers(p, explicit)[0]
+
+
+def load_layers(p: Path, explicit: bool = True) -> tuple[Config, Layers]:
+    """The Config and the layers it was merged from (`config show`), read once."""
     layers = read_layers(p, explicit)
     if not layers.files:
-        return Config()
+        return Config(), layers
     try:
-        return parse(layers.data, source=str(p), files=layers.files)
+        return parse(layers.data, source=str(p), files=layers.files), layers
     except ConfigError as e:
         key = str(e).split(":", 1)[0]
         where = dropins.origin_of(key, layers.origins) if " " not in key else None
