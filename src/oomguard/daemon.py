@@ -24,6 +24,7 @@ from typing import Any
 from oomguard import config
 from oomguard.broker import Broker, Granter, Peer
 from oomguard.forensics import events, metrics, oomwatch, runreport, status
+from oomguard.forensics.eventreader import EventReader
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
 from oomguard.healer.tty import tell_tty
@@ -88,6 +89,7 @@ class Daemon:
         self.store = events.EventStore(cfg.events.db, cfg.events.max_age, cfg.events.max_rows)
         self.notifier = Notifier(cfg.notify)
         self.store.on_added = self.on_stored
+        self.event_reader = EventReader(cfg.events.db)  # started on the first events query
         # Events from threads that serve users are written off their thread.
         self.writer = EventWriter(self.store)
         self.failed = False  # a thread died: exit non-zero so systemd restarts us
@@ -308,6 +310,7 @@ class Daemon:
         self.healer.close()
         self.writer.stop()
         self.notifier.stop()
+        self.event_reader.close()
         self.store.close()
 
     def wait(self) -> None:

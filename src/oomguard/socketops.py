@@ -15,7 +15,7 @@ from typing import Any
 
 from oomguard.broker import Handler, Peer, Refusal, protocol
 from oomguard.broker.cache import Brief
-from oomguard.forensics import events, privacy, runreport, status
+from oomguard.forensics import eventpage, events, privacy, runreport, status
 from oomguard.prefs.settings import SettingError
 from oomguard.runs.views import run_view
 from oomguard.telemetry.reasons import RefusalReason
@@ -95,7 +95,7 @@ class SocketOps:
         # spared_some / kill_failed: say so, and fail the command
         raise Refusal(f"{what} not fully stopped: {result.get('action')}; see oomguard events --kind healer")
 
-    def op_events(self, peer: Peer, request: dict) -> dict:
+    def op_events(self, peer: Peer, request: dict) -> dict | bytes:
         """One page of events, newest first across pages: at most ``page``
         (and ``limit``) events before the ``before`` cursor, oldest first,
         and ``next`` to ask for the older ones."""
@@ -105,13 +105,10 @@ class SocketOps:
         limit = protocol.integer(request, "limit", 1, 100_000, 1000, "limit must be an integer from 1 to 100000")
         size = protocol.integer(request, "page", 1, events.MAX_PAGE, events.PAGE, "page must be an integer from 1 to 500")
         before = protocol.cursor(request, "before")
-        uid = None if peer.uid == 0 else peer.uid
-        rows, more = self.d.store.page(before=before, since=since, kinds=kinds, uid=uid, limit=min(limit, size))
-        rows = privacy.events_for(rows, uid)
-        fits = protocol.fitting(rows)  # a page of huge events is cut, never the reply unbounded
-        more, rows = more or fits < len(rows), rows[len(rows) - fits :]
-        last = more and rows and len(rows) < limit
-        return {"events": rows, "next": [rows[0]["ts"], rows[0]["id"]] if last else None}
+        q = eventpage.PageQuery(since=since, kinds=None if kinds is None else tuple(kinds), limit=limit, size=size,
+                                before=before, uid=None if peer.uid == 0 else peer.uid, budget=protocol.MAX_REPLY)  # fmt: skip
+        line = self.d.event_reader.ask(q)  # big pages cost the broker's GIL nothing there
+        return line if line is not None else eventpage.events_page(self.d.store, q)
 
     def op_status(self, peer: Peer, request: dict) -> dict:
         root = peer.uid == 0

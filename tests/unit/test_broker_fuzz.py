@@ -79,6 +79,7 @@ def daemon():
     d = in_process_daemon(rig)
     yield d
     rig.close()
+    d.event_reader.close()
     d.store.close()
 
 
@@ -97,6 +98,7 @@ def test_hostile_requests_get_clear_refusals_and_the_broker_serves_on(daemon, ca
     path = daemon.cfg.protect.socket
     rnd = random.Random(SEED)
     assert ask(path, {"op": "status"})["ok"]  # warm: the pool's threads, sqlite's files
+    assert ask(path, {"op": "events"})["ok"]  # and the event reader's two pipes
     gc.collect()  # what earlier tests left for the collector closes now, not mid-run
     before = fds()
     caplog.set_level(logging.WARNING)

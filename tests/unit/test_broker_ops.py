@@ -29,6 +29,7 @@ def rig():
 def daemon(rig: Rig):
     d = in_process_daemon(rig)
     yield d
+    d.event_reader.close()
     d.store.close()
 
 
@@ -59,6 +60,7 @@ def test_events_come_in_bounded_pages_and_the_cursor_walks_back(daemon: Daemon) 
         if cursor is None:
             break
     assert [e["data"]["n"] for e in seen] == list(range(1234))  # each once, in order
+    assert daemon.event_reader.started == 1  # every page came from the one reader process
     assert ask(path, {"op": "events", "page": MAX_PAGE + 1})["error"] == "page must be an integer from 1 to 500"
 
 

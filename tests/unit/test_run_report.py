@@ -40,6 +40,7 @@ def test_the_summary_reaches_the_runs_terminal_when_it_ends(rig):
     finally:
         os.close(master)
         os.close(slave)
+        d.event_reader.close()
         d.store.close()
 
 
@@ -55,6 +56,7 @@ def test_without_report_the_terminal_is_left_alone(rig):
     finally:
         os.close(master)
         os.close(slave)
+        d.event_reader.close()
         d.store.close()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from typing import Any
 
 from oomguard.telemetry.reasons import RefusalReason
@@ -124,16 +123,3 @@ def cursor(request: dict, key: str) -> tuple[float, int] | None:
     if ts is None or event_id is None:
         raise Refusal(message, RefusalReason.INVALID)
     return ts, event_id
-
-
-def fitting(items: Sequence[Any], budget: int = MAX_REPLY) -> int:
-    """How many of ``items``, counted from the end, encode within ``budget``
-    bytes (at least one, so a page always moves on)."""
-    if len(json.dumps(items, default=str)) <= budget:
-        return len(items)  # the common case, in one call
-    used = 0
-    for n, item in enumerate(reversed(items)):
-        used += len(json.dumps(item, default=str)) + 2
-        if used > budget and n:
-            return n
-    return len(items)

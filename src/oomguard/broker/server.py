@@ -48,7 +48,8 @@ from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Peer, dict], dict]
+# A handler's result, or the whole reply line already encoded (see the event reader).
+Handler = Callable[[Peer, dict], dict | bytes]
 INLINE = frozenset({"protect", "ping"})
 SWITCH_INTERVAL = 0.001  # seconds; see serve
 _WAKE = object()  # the selector key of the wake-up pipe
@@ -290,7 +291,7 @@ class Broker:
         except Refusal as r:
             return refused(str(r))
 
-    def handle(self, peer: Peer, line: bytes) -> dict:
+    def handle(self, peer: Peer, line: bytes) -> dict | bytes:
         """One request line from a kernel-identified peer to one reply."""
         try:
             request = parse_request(line)
@@ -298,7 +299,7 @@ class Broker:
             return refused(str(r))
         return self.dispatch(peer, request)
 
-    def dispatch(self, peer: Peer, request: dict) -> dict:
+    def dispatch(self, peer: Peer, request: dict) -> dict | bytes:
         """A parsed request (one with an "op") to its reply, on this thread."""
         op = request["op"]
         if op == "protect":
@@ -319,14 +320,15 @@ class Broker:
         except Exception as e:  # noqa: BLE001
             log.exception("broker: op %r failed", op)
             return refused(f"internal error: {e.__class__.__name__}")
-        return {"ok": True, **result}
+        return result if isinstance(result, bytes) else {"ok": True, **result}
 
-    def _defer(self, pool: WorkerPool, conn: _Conn, work: Callable[[], dict]) -> bool:
+    def _defer(self, pool: WorkerPool, conn: _Conn, work: Callable[[], dict | bytes]) -> bool:
         """Run ``work`` off the loop; its reply goes out when it is done."""
 
         def job() -> bytes:
             try:
-                return encode(work())  # encoded here: a big reply costs the loop nothing
+                reply = work()
+                return reply if isinstance(reply, bytes) else encode(reply)  # encoded here, not on the loop
             except Exception as e:  # noqa: BLE001
                 log.exception("broker: a deferred op failed")
                 return encode(refused(f"internal error: {e.__class__.__name__}"))

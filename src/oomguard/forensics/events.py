@@ -55,13 +55,24 @@ class EventStore:
     ``max_age`` (seconds) and ``max_rows`` bound what ``prune`` keeps; ``add``
     prunes by itself every ``prune_every`` inserts."""
 
-    def __init__(self, path: str, max_age: float, max_rows: int, *, prune_every: int = 500):
+    def __init__(self, path: str, max_age: float, max_rows: int, *, prune_every: int = 500, readonly: bool = False):
         self.path = path
         self.max_age = max_age
         self.max_rows = max_rows
         self.prune_every = prune_every
         self._lock = threading.Lock()
         self._adds = 0
+        # Told each committed event (the daemon's hooks); must not block.
+        self.on_added: Callable[[dict[str, Any]], None] | None = None
+        if readonly:  # the event reader's: the daemon created and migrated it
+            from urllib.parse import quote
+
+            self._db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=10,
+                                       isolation_level=None, check_same_thread=False)  # fmt: skip
+            if self.schema_version != SCHEMA_VERSION:
+                self._db.close()
+                raise StoreError(f"{path}: schema version {self.schema_version}, expected {SCHEMA_VERSION}")
+            return
         if path != ":memory:":
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -69,8 +80,6 @@ class EventStore:
             # SQLite gives the -wal and -shm files the same mode.
             fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.close(fd)
-        # Told each committed event (the daemon's hooks); must not block.
-        self.on_added: Callable[[dict[str, Any]], None] | None = None
         self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
         try:
             self._setup()
