@@ -150,6 +150,22 @@ def test_the_daemon_is_a_sandboxed_notify_service_that_said_it_is_ready(installe
     assert status["daemon"]["process_events"] == "events", status["daemon"]
 
 
+def test_events_pages_come_from_the_reader_process_inside_the_sandbox(installed):
+    """The sandboxed unit lets the daemon start its event reader: a child in
+    the service's cgroup, niced, not -1000, while the daemon stays -1000."""
+    daemon = main_pid("oomguard.service")
+    json.loads(oomguard("events", "--json", "--since", "1d").stdout)
+    procs = Path("/sys/fs/cgroup", cgroup_of(daemon).lstrip("/"), "cgroup.procs").read_text().split()
+    readers = [int(p) for p in procs
+               if b"oomguard.forensics.eventreader" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+    assert len(readers) == 1, procs
+    (reader,) = readers
+    assert int(Path(f"/proc/{reader}/stat").read_text().rsplit(")", 1)[1].split()[1]) == daemon  # its parent
+    # below the daemon's own priority (the unit's Nice=), by the reader's 10
+    assert os.getpriority(os.PRIO_PROCESS, reader) == os.getpriority(os.PRIO_PROCESS, daemon) + 10
+    assert (oom_score_adj(reader), oom_score_adj(daemon)) == (0, -1000)
+
+
 def test_reload_keeps_the_process_and_says_so(installed):
     pid = main_pid("oomguard.service")
     systemctl("reload", "oomguard.service")
