@@ -83,6 +83,53 @@ def test_members_are_tracked_only_for_runs_without_a_cgroup(path):
     assert json.loads(path.read_text())["members"] == [[7000, 70, 1], [7001, 71, 1]]
 
 
+def test_a_run_its_user_could_move_out_of_its_cgroup_is_followed_and_lives_on(path, tmp_path, monkeypatch):
+    from oomguard.host import cgroups
+    from oomguard.runs.registry import FOLLOW
+
+    root = tmp_path / "cgroup"
+    (root / "user.slice" / "shop" / "oomguard-run-1").mkdir(parents=True)
+    (root / "plain" / "oomguard-run-2").mkdir(parents=True)
+    os.chown(root / "user.slice" / "shop", 1000, 1000)  # delegated, as user@UID.service is
+    monkeypatch.setattr(cgroups, "ROOT", root)
+    reg = RunRegistry(path, "boot")
+    life = RunLifecycle(reg)
+    moved = life.begin(mk(1, os.getpid(), procfs.starttime_of(os.getpid()), cgroup="/user.slice/shop/oomguard-run-1"))
+    held = life.begin(mk(2, cgroup="/plain/oomguard-run-2"))
+    assert moved.extra == {FOLLOW: True} and held.extra == {}
+    assert reg.get(1).extra == {FOLLOW: True}
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+        reg.on_fork(os.getpid(), procfs.starttime_of(os.getpid()), child, procfs.starttime_of(child))
+        reg.on_fork(held.pid, held.starttime, 8000, 80)
+        assert [p for p, _ in reg.members(moved)] == [child] and reg.members(held) == []
+        # its cgroup (here: not a real one) holds nothing; the member, moved out, lives
+        assert reg.alive(reg.get(1)) and child in reg.pids(reg.get(1))
+        assert reg.run_of(child, procfs.starttime_of(child), "/user.slice/shop/escaped") == reg.get(1)
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+    life.exited(child, 9)  # its exit event
+    assert reg.members(moved) == []
+
+
+def test_exits_forget_members_through_a_pid_index(path):
+    reg = RunRegistry(path, "boot")
+    bare = mk(1)
+    reg.add(bare)
+    for n in range(1000):
+        reg.on_fork(bare.pid, bare.starttime, 10_000 + n, n)
+    life = RunLifecycle(reg)
+    for n in range(0, 1000, 2):
+        life.exited(10_000 + n, 0)
+    life.exited(123, 0)  # nobody's: nothing changes
+    assert reg.members(bare) == [(10_000 + n, n) for n in range(1, 1000, 2)]
+    assert sorted(reg._member_pids) == list(range(10_001, 11_000, 2))
+
+
 # ---------------------------------------------------------------- the bound
 
 
@@ -267,3 +314,18 @@ def test_policy_show_does_not_write_the_daemons_runs_file(tmp_path, monkeypatch)
     assert mine.reason == policy.PROTECTED
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
     assert not [p for p, flags in opened if "runs.json" in p and flags & (os.O_WRONLY | os.O_RDWR)]
+
+
+def test_a_fork_whose_parent_exited_before_we_looked_is_still_followed(path):
+    reg = RunRegistry(path, "boot")
+    bare = mk(1)
+    reg.add(bare)
+    reg.on_fork(bare.pid, None, 7000, 70)  # the parent's start time could not be read: it exited
+    reg.on_fork(7000, None, 7001, 71)  # a member that exited likewise
+    assert reg.members(bare) == [(7000, 70), (7001, 71)]
+    life = RunLifecycle(reg)
+    life.exited(bare.pid, 0)  # the first process's exit, handled
+    life.exited(7000, 0)
+    reg.on_fork(bare.pid, None, 8000, 80)  # so these pids are other processes now
+    reg.on_fork(7000, None, 8001, 81)
+    assert reg.members(bare) == [(7001, 71)]

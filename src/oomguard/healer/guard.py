@@ -30,7 +30,15 @@ SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/")
 _UNREADABLE = (*procfs.GONE, ValueError, PermissionError)
 
 
-def is_database(proc: procfs.Proc) -> bool:
+SYSTEM_UID_MAX = 999  # Debian's system accounts (mysql among them) are below 1000
+
+
+def is_database(proc: procfs.Proc, in_run: bool = False) -> bool:
+    """The system's database: its server binary, run by a system account,
+    outside any user's protected run. A user's own copy of mariadbd (under
+    oom-protect, or escaped from a run) is theirs, and ends like the rest."""
+    if in_run or not 0 < proc.uid <= SYSTEM_UID_MAX:
+        return False
     exe = (proc.exe or "").removesuffix(" (deleted)")
     return os.path.basename(exe) in DB_BINARIES and exe.startswith(SYSTEM_DIRS)
 
@@ -43,6 +51,7 @@ class Handle:
     comm: str
     uid: int
     state: str
+    in_run: bool = False  # part of a user's protected run: never "the database"
 
     @property
     def pid(self) -> int:
@@ -68,13 +77,14 @@ class Guard:
     def __init__(self, is_exempt: Callable[[procfs.Proc], bool]):
         self.is_exempt = is_exempt
 
-    def refusal(self, proc: procfs.Proc, uids: Sequence[int] | None = None) -> str | None:
-        """Why ``proc`` must not be signalled, or None if it may be."""
+    def refusal(self, proc: procfs.Proc, uids: Sequence[int] | None = None, in_run: bool = False) -> str | None:
+        """Why ``proc`` must not be signalled, or None if it may be;
+        ``in_run``: it belongs to a user's protected run."""
         if proc.pid == os.getpid():
             return "oomguard itself"
         if proc.uid == 0 or (uids is not None and 0 in uids[:3]):
             return "root's process"
-        if is_database(proc):
+        if is_database(proc, in_run):
             return "the database"
         try:
             if self.is_exempt(proc):
@@ -85,7 +95,7 @@ class Guard:
         return None
 
     def pin(
-        self, pid: int, expect_start: int | None, require_protected: bool = False
+        self, pid: int, expect_start: int | None, require_protected: bool = False, in_run: bool = False
     ) -> tuple[Handle | None, str | None]:
         """A pidfd on ``pid`` if it is the process we mean and may be signalled.
 
@@ -110,13 +120,13 @@ class Guard:
         except _UNREADABLE:
             pinned.close()
             return None, "gone"
-        why = self.refusal(proc, uids)
+        why = self.refusal(proc, uids, in_run)
         if why is None and require_protected and proc.oom_score_adj != OOM_SCORE_ADJ_MIN:
             why = "no longer protected"
         if why is not None:
             pinned.close()
             return None, why
-        return Handle(pinned, proc.comm, proc.uid, proc.state), None
+        return Handle(pinned, proc.comm, proc.uid, proc.state, in_run), None
 
     def recheck(self, h: Handle) -> str | None:
         """Right before a signal: the same process, and still one we may signal."""
@@ -129,7 +139,7 @@ class Guard:
             uids = h.pinned.read_status().uids
         except _UNREADABLE:
             return "gone"
-        why = self.refusal(proc, uids)
+        why = self.refusal(proc, uids, h.in_run)
         if why is not None:
             log.warning("pid %d (%s) became %s; not signalling it", h.pid, proc.comm, why)
         return why

@@ -108,21 +108,29 @@ class Kill:
         """(pid, expected starttime or None) of what belongs to the target now."""
         if self.run is None:
             return [(p.pid, p.starttime) for p in self.orphans]
+        # Followed members, wherever they moved, by their recorded start time;
+        # pin() checks it again after opening the pidfd.
+        members = [(p, s) for p, s in self.killer.registry.members(self.run) if procfs.running(p, s)]
         if self.run.cgroup and cgroups.exists(self.run.cgroup):
-            return [(pid, None) for pid in cgroups.procs_recursive(self.run.cgroup)]
-        # Without a cgroup, registry.pids() has already matched each pid to its
-        # recorded start time; pin() checks it again after opening the pidfd.
-        return [(pid, procfs.starttime_of(pid)) for pid in self.killer.registry.pids(self.run)]
+            inside = cgroups.procs_recursive(self.run.cgroup)
+            return [(pid, None) for pid in inside] + [(p, s) for p, s in members if p not in inside]
+        first = [(self.run.pid, self.run.starttime)] if procfs.running(self.run.pid, self.run.starttime) else []
+        return first + members
 
     def _pin_new(self) -> list[Handle]:
         fresh = []
         for pid, start in self._candidates():
             if any(h.pid == pid for h in self.handles.values()):
                 continue
-            handle, why = self.killer.guard.pin(pid, start, require_protected=self.run is None)
+            handle, why = self.killer.guard.pin(pid, start, require_protected=self.run is None,
+                                                in_run=self.run is not None)  # fmt: skip
             if handle is None:
                 if why not in ("gone", "zombie"):
                     self.skipped[pid] = why or "?"
+                continue
+            if self.run is not None and handle.uid != self.run.uid:
+                handle.close()  # a run is its owner's: never another user's process in it
+                self.skipped[pid] = "another user's process"
                 continue
             self.handles[(handle.pid, handle.starttime)] = handle
             fresh.append(handle)
@@ -157,7 +165,8 @@ class Kill:
         return cg if cgroups.exists(cg) else None
 
     def kill(self) -> None:
-        self._pin_new()  # children forked since SIGTERM
+        """SIGKILL what is left; called again while anything of it lives, it
+        selects again (forks since the last call)."""
         self.stalled = []
         for h in self.handles.values():
             if not h.exited():
@@ -165,22 +174,27 @@ class Kill:
                 if st is not None and st.starttime == h.starttime and st.state in ("R", "D"):
                     self.stalled.append((h.pid, st.state))
         cg = self.own_cgroup()
+        frozen = None
         if cg is not None and self._cgroup_safe(cg):
             self.method = "cgroup.kill"
             cgroups.kill(cg)
         else:
-            if cg is not None:
-                log.warning(
-                    "%s: cgroup %s holds processes the healer must not kill; killing one by one",
-                    self.label,
-                    cg,
-                )
-            self.method = "pidfd"
-        # Also through the pidfds: covers runs without a cgroup, and is
-        # harmless after cgroup.kill.
-        for h in self.handles.values():
-            if not h.exited():
-                self._signal(h, signal.SIGKILL)
+            if cg is not None and self.method != "pidfd+freeze":
+                log.warning("%s: cgroup %s holds processes the healer must not kill; killing one by one",
+                            self.label, cg)  # fmt: skip
+            # Frozen first, so nothing of it forks between selecting and signalling.
+            frozen = cg if cg is not None and cgroups.freeze(cg) else None
+            self.method = "pidfd+freeze" if frozen else "pidfd"
+        self._pin_new()  # children forked since SIGTERM (or the last call)
+        try:
+            # Also through the pidfds: covers runs without a cgroup, and is
+            # harmless after cgroup.kill.
+            for h in self.handles.values():
+                if not h.exited():
+                    self._signal(h, signal.SIGKILL)
+        finally:
+            if frozen is not None:
+                cgroups.thaw(frozen)  # what is spared runs on
 
     def _signal(self, h: Handle, sig: int) -> bool:
         """Signal through the pidfd after the last-moment re-check; a process
@@ -198,7 +212,7 @@ class Kill:
             proc = procfs.snapshot(pid)
             if proc is None or proc.state == "Z":
                 continue
-            why = self.killer.guard.refusal(proc)
+            why = self.killer.guard.refusal(proc, in_run=self.run is not None)
             if why is not None:
                 self.skipped[pid] = why
                 return False
@@ -215,7 +229,7 @@ class Kill:
             proc = procfs.snapshot(pid)
             if proc is None or proc.state == "Z" or (start is not None and proc.starttime != start):
                 continue
-            if self.killer.guard.refusal(proc) is None and (
+            if self.killer.guard.refusal(proc, in_run=self.run is not None) is None and (
                 self.run is not None or proc.oom_score_adj == OOM_SCORE_ADJ_MIN
             ):
                 return False
@@ -287,6 +301,8 @@ class Kill:
             deadline = time.monotonic() + kill_timeout
             while not self.gone() and time.monotonic() < deadline:
                 time.sleep(0.02)
+                if not self.gone():
+                    self.kill()  # select again: a fork chain is caught by the next round
         return self.finish(why)
 
     def close(self) -> None:

@@ -74,6 +74,10 @@ class Response:
             if all(k.gone() for k in self._kills) or now >= (inc.deadline or now):
                 self._finish_kills(now, inc)
                 self._after_kills(now, inc)
+            else:
+                for k in self._kills:
+                    if not k.gone():
+                        k.kill()  # select again until nothing of it is left
         elif inc.phase == Phase.RESTARTING:
             self._collect_restart(now, inc)
         elif inc.phase == Phase.VERIFYING:

@@ -155,6 +155,30 @@ def kill(cgroup: str) -> None:
             pass
 
 
+def freeze(cgroup: str, timeout: float = 1.0) -> bool:
+    """Freeze the cgroup and its subtree (cgroup.freeze), waiting up to
+    ``timeout`` for the kernel to say it is frozen: then nothing in it can
+    fork until ``thaw``, while SIGKILL still ends its processes. False
+    where the kernel has no freezer (before 5.2) or it did not settle."""
+    try:
+        _write(cgroup, "cgroup.freeze", "1")
+    except OSError:
+        return False
+    deadline = time.monotonic() + timeout
+    while not read_flat_keyed(cgroup, "cgroup.events").get("frozen"):
+        if time.monotonic() >= deadline or not exists(cgroup):
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def thaw(cgroup: str) -> None:
+    try:
+        _write(cgroup, "cgroup.freeze", "0")
+    except OSError:
+        pass  # gone with its processes
+
+
 def procs_recursive(cgroup: str) -> list[int]:
     out: list[int] = []
     base = path(cgroup)
@@ -272,6 +296,13 @@ def unit_of(cgroup: str | None, *, check_owner: bool = True) -> str | None:
         if part.startswith("user@") and part.endswith(".service"):
             break
     return unit
+
+
+def under_a_user_owned(cgroup: str) -> bool:
+    """Whether a proper ancestor of ``cgroup`` is owned by a user (delegated):
+    its processes can then be moved to a sibling the user makes."""
+    parts = [p for p in cgroup.strip("/").split("/") if p]
+    return any(_owned_by_a_user(ROOT.joinpath(*parts[:i])) for i in range(1, len(parts)))
 
 
 def _owned_by_a_user(path: Path) -> bool:

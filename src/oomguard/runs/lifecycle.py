@@ -16,9 +16,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from dataclasses import replace
 
 from oomguard.host import cgroups
-from oomguard.runs.registry import Run, RunRegistry, decode_wait_status
+from oomguard.runs.registry import FOLLOW, Run, RunRegistry, decode_wait_status
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,15 @@ class RunLifecycle:
                 )
         return None
 
-    def begin(self, run: Run) -> None:
-        """Record a granted run (before its -1000 is written)."""
+    def begin(self, run: Run) -> Run:
+        """Record a granted run (before its -1000 is written). A cgroup inside
+        one its user owns (delegated, as user@UID.service is) does not hold
+        the run: the user may move its processes to a sibling, so the run is
+        followed through fork events too, and never ends while they live."""
+        if run.cgroup and cgroups.under_a_user_owned(run.cgroup):
+            run = replace(run, extra={**run.extra, FOLLOW: True})
         self.registry.add(run)
+        return run
 
     def abandon(self, run: Run) -> None:
         """A grant that did not go through: forget the run, remove its cgroup."""
@@ -136,6 +143,7 @@ class RunLifecycle:
         with self.registry.lock:
             run = self.registry.by_pid(pid)
             if run is None or run.exit_status is not None:
+                self.registry.forget_member(pid)
                 return None
             return self.registry.update(run.id, exit_status=decode_wait_status(wait_status))
 

@@ -68,6 +68,15 @@ class ReadOnlyRegistry(RuntimeError):
     """A change was asked of a registry opened only to read."""
 
 
+FOLLOW = "follow"  # Run.extra: followed through fork events although it has a cgroup
+
+
+def follows(run: Run) -> bool:
+    """Whether the run's processes are followed through fork events: a run
+    without a cgroup, or one whose cgroup its user could move them out of."""
+    return not run.cgroup or bool(run.extra.get(FOLLOW))
+
+
 def _ancestors(cgroup: str) -> list[str]:
     """The cgroup and each parent up to (not including) the root."""
     parts = cgroup.strip("/").split("/")
@@ -106,10 +115,12 @@ class RunRegistry:
         self._by_pid: dict[int, int] = {}
         self._by_cgroup: dict[str, int] = {}
         self._active_of_uid: dict[int, set[int]] = defaultdict(set)
-        # (pid, starttime) of processes that belong to a run but live outside
-        # its cgroup (no cgroup could be made): followed through fork events.
+        # (pid, starttime) of processes that belong to a run but may live
+        # outside its cgroup (no cgroup could be made, or the user could move
+        # them out of it): followed through fork events, forgotten at exit.
         self._members: dict[tuple[int, int], int] = {}
         self._members_of: dict[int, set[tuple[int, int]]] = defaultdict(set)
+        self._member_pids: dict[int, tuple[int, int]] = {}
         # Runs ended but not yet handed to the reaper's caller (for run_end).
         self._unannounced: list[int] = []
         self._encoded: dict[int, tuple[Run, str]] = {}  # run id -> (the version encoded, its JSON)
@@ -207,11 +218,27 @@ class RunRegistry:
     def _add_member(self, key: tuple[int, int], run_id: int) -> None:
         self._members[key] = run_id
         self._members_of[run_id].add(key)
+        self._member_pids[key[0]] = key
 
     def _drop_members(self, run_id: int) -> None:
         for k in self._members_of.pop(run_id, ()):
             if self._members.get(k) == run_id:
                 del self._members[k]
+            if self._member_pids.get(k[0]) == k:
+                del self._member_pids[k[0]]
+
+    def forget_member(self, pid: int) -> None:
+        """A process exited: if it was a member, it no longer is (a pid index,
+        so an exit costs the same however many processes runs have)."""
+        with self._lock:
+            key = self._member_pids.pop(pid, None)
+            if key is None:
+                return
+            rid = self._members.pop(key, None)
+            if rid is not None:
+                self._members_of[rid].discard(key)
+            self._changed()
+        self._save_soon()
 
     def _put(self, run: Run) -> None:
         old = self._runs.get(run.id)
@@ -359,16 +386,27 @@ class RunRegistry:
         return self.run_of(pid, starttime, cgroup) is not None
 
     def on_fork(self, parent_pid: int, parent_start: int | None, child_pid: int, child_start: int | None) -> None:
-        """Follow runs without a cgroup through their descendants; a run with
-        a cgroup is followed by the cgroup, at no cost per fork."""
-        if parent_start is None or child_start is None:
-            return
+        """Follow runs without a cgroup, and runs whose cgroup the user could
+        leave (``follows``), through their descendants; any other run is
+        followed by its cgroup, at no cost per fork."""
+        if child_start is None:
+            return  # gone already: nothing to follow
         with self._lock:
-            rid = self._by_key.get((parent_pid, parent_start))
-            if rid is None:
-                rid = self._members.get((parent_pid, parent_start))
+            if parent_start is None:
+                # The parent exited before we looked. Events come in order, so
+                # its exit is not handled yet: the pid is still the one we know.
+                rid = self._by_pid.get(parent_pid)
+                if rid is not None and self._runs[rid].exit_status is not None:
+                    rid = None  # that first process's exit was handled: another process
+                key = self._member_pids.get(parent_pid)
+                if rid is None and key is not None:
+                    rid = self._members.get(key)
+            else:
+                rid = self._by_key.get((parent_pid, parent_start))
+                if rid is None:
+                    rid = self._members.get((parent_pid, parent_start))
             run = self._runs.get(rid) if rid is not None else None
-            if run is None or not run.active or run.cgroup:
+            if run is None or not run.active or not follows(run):
                 return
             self._add_member((child_pid, child_start), run.id)
             self._changed()
@@ -379,19 +417,23 @@ class RunRegistry:
             return sorted(self._members_of.get(run.id, ()))
 
     def alive(self, run: Run) -> bool:
-        """Whether anything of the run still runs."""
+        """Whether anything of the run still runs: never ended while a
+        followed member lives, wherever it moved."""
         if run.cgroup and cgroups.exists(run.cgroup):
-            return cgroups.populated(run.cgroup)
-        if procfs.running(run.pid, run.starttime):
+            if cgroups.populated(run.cgroup):
+                return True
+        elif procfs.running(run.pid, run.starttime):
             return True
         return any(procfs.running(p, s) for p, s in self.members(run))
 
     def pids(self, run: Run) -> list[int]:
-        """Live processes of the run."""
+        """Live processes of the run: its cgroup's, and followed members
+        wherever they are."""
         if run.cgroup and cgroups.exists(run.cgroup):
-            return cgroups.procs_recursive(run.cgroup)
-        out = [run.pid] if procfs.running(run.pid, run.starttime) else []
-        out += [p for p, s in self.members(run) if procfs.running(p, s)]
+            out = cgroups.procs_recursive(run.cgroup)
+        else:
+            out = [run.pid] if procfs.running(run.pid, run.starttime) else []
+        out += [p for p, s in self.members(run) if p not in out and procfs.running(p, s)]
         return out
 
     def reap(self) -> list[Run]:

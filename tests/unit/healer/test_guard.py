@@ -72,3 +72,6 @@ def test_database_is_recognised_by_its_system_executable():
     assert guard.is_database(fake_proc(1, 105, exe="/usr/sbin/mysqld (deleted)"))
     assert not guard.is_database(fake_proc(1, 1000, exe="/home/app/mariadbd"))  # a user's copy
     assert not guard.is_database(fake_proc(1, 1000, exe="/usr/bin/php8.2", comm="mariadbd"))
+    # the system's binary, but not the system's database: a login user's, or inside a run
+    assert not guard.is_database(fake_proc(1, 1000, exe="/usr/sbin/mariadbd"))
+    assert not guard.is_database(fake_proc(1, 105, exe="/usr/sbin/mariadbd"), in_run=True)

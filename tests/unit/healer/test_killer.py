@@ -103,7 +103,7 @@ def test_selection_of_protected_processes_outside_runs(rig):
     fakes = [
         fake_proc(101, 0),  # root
         fake_proc(102, 105, exe="/usr/sbin/mariadbd"),  # the database
-        fake_proc(103, lo, exe="/usr/sbin/mariadbd"),  # the database, even as a login user
+        fake_proc(103, lo, exe="/usr/sbin/mariadbd"),  # a login user's own copy: theirs, not the database
         fake_proc(104, lo),  # exempt by policy
         fake_proc(os.getpid(), lo),  # oomguard itself
         fake_proc(106, 33),  # a system account (www-data)
@@ -113,5 +113,5 @@ def test_selection_of_protected_processes_outside_runs(rig):
     ]
     h = rig.healer(processes=lambda: fakes, is_exempt=lambda proc: proc.pid == 104)
     targets = h.select_targets()
-    assert [(t.uid, [p.pid for p in t.orphans]) for t in targets] == [(lo, [108]), (lo + 1, [109])]
+    assert [(t.uid, [p.pid for p in t.orphans]) for t in targets] == [(lo, [103, 108]), (lo + 1, [109])]
     assert all(t.run is None for t in targets)
