@@ -28,7 +28,7 @@ from oomguard.forensics.eventreader import EventReader
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
 from oomguard.healer.tty import tell_tty
-from oomguard.host import cgroups, journal, procevents, procfs
+from oomguard.host import cgroups, journal, procevents, procfs, statefile
 from oomguard.host.sdnotify import Notifier as SystemdNotifier
 from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
@@ -83,6 +83,8 @@ class Daemon:
         self.stop = threading.Event()
         state_dir = Path(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
+        for name in statefile.remove_stale_temps(state_dir):  # a write cut short by SIGKILL
+            log.info("removed %s, left by a daemon killed while writing", state_dir / name)
         # Deferred: the reaper writes runs.json, so no fork or end waits on the disk.
         self.registry = RunRegistry(state_dir / "runs.json", deferred=True)
         self.lifecycle = RunLifecycle(self.registry)

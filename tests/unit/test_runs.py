@@ -329,3 +329,14 @@ def test_a_fork_whose_parent_exited_before_we_looked_is_still_followed(path):
     reg.on_fork(bare.pid, None, 8000, 80)  # so these pids are other processes now
     reg.on_fork(7000, None, 8001, 81)
     assert reg.members(bare) == [(7001, 71)]
+
+
+def test_temp_files_of_a_writer_killed_mid_write_are_removed_and_nothing_else(tmp_path):
+    for name in (".runs.json.4242.tmp", ".healer.json.77.tmp", f".runs.json.{os.getpid()}.tmp",
+                 "runs.json", ".runs.json.x.tmp", "notes.tmp"):  # fmt: skip
+        (tmp_path / name).write_text("{}")
+    os.symlink("/etc/passwd", tmp_path / ".evil.json.1.tmp")
+    assert sorted(statefile.remove_stale_temps(tmp_path)) == [".healer.json.77.tmp", ".runs.json.4242.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".runs.json.{os.getpid()}.tmp", "runs.json", ".runs.json.x.tmp", "notes.tmp", ".evil.json.1.tmp"])
+    assert os.path.exists("/etc/passwd")

@@ -54,3 +54,24 @@ def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
             return json.loads(f.read())
     except (OSError, ValueError):
         return default
+
+
+def remove_stale_temps(directory: str | os.PathLike[str]) -> list[str]:
+    """Remove the temp files that writers killed mid-write left in
+    ``directory`` (".NAME.PID.tmp" of another pid); their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for e in entries:
+        parts = e.name.rsplit(".", 2)
+        if (e.name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and parts[1].isdigit()
+                and int(parts[1]) != os.getpid() and e.is_file(follow_symlinks=False)):  # fmt: skip
+            try:
+                os.unlink(e.path)
+                removed.append(e.name)
+            except FileNotFoundError:
+                pass
+    return removed
+

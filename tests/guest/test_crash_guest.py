@@ -1,0 +1,109 @@
+"""The daemon SIGKILLed again and again while runs start and end (issue 13):
+after every restart it knows every protected run still alive, before it
+serves; every run that ended has its run_end event and every run its grant
+event, once; the event store stays intact and no temp file is left behind.
+The kill points come from a seeded generator, so a failure replays."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from daemon_fixture import BIN, start_daemon, wait_for
+
+OOM_PROTECT = str(BIN / "oom-protect")
+SEED = 20261202
+KILLS = 20
+
+
+def serving(d) -> bool:
+    return d.cli("runs", "--json", check=False).returncode == 0
+
+
+def protected_of(uid: int, cgroup) -> set[int]:
+    """Live processes of ``uid`` at -1000 inside the test's cgroup."""
+    out = set()
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z" or os.stat(f"/proc/{p}").st_uid != uid:
+                continue
+            cg = Path(f"/proc/{p}/cgroup").read_text().strip().removeprefix("0::")
+            if Path(f"/proc/{p}/oom_score_adj").read_text().strip() == "-1000" and \
+                    cg.startswith("/" + str(cgroup.path.relative_to("/sys/fs/cgroup"))):  # fmt: skip
+                out.add(int(p))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def test_killed_twenty_times_the_daemon_forgets_no_live_run_and_loses_no_event(tmp_path, unpriv_user, cgroup):
+    rnd = random.Random(SEED)
+    base = tmp_path / "d"
+    d = start_daemon(base)
+    first = d
+    wait_for(lambda: serving(first), timeout=60)
+    env = unpriv_user.env(OOMGUARD_SOCKET=d.socket)
+    clients: list[subprocess.Popen] = []
+    restarts = []
+    try:
+        for kill in range(KILLS):
+            # a burst of runs, long and short, the daemon killed somewhere in it
+            burst = []
+            for _ in range(rnd.randint(2, 5)):
+                cmd = ["sleep", "300"] if rnd.random() < 0.4 else ["sh", "-c", "exit 3"]
+                burst.append(cgroup.popen(unpriv_user.argv([OOM_PROTECT, *cmd]), env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+                time.sleep(rnd.uniform(0, 0.05))
+            if kill % 4 == 3:  # now and then, end some long runs as well
+                for p in rnd.sample(clients, k=min(2, len(clients))):
+                    p.kill()
+            time.sleep(rnd.uniform(0, 0.4))
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait()
+            clients += burst
+            # whatever was in flight settles: granted (-1000) or refused (125)
+            wait_for(lambda ps=list(clients): all(p.poll() is not None or p.pid in protected_of(unpriv_user.uid, cgroup)
+                                                  for p in ps), timeout=60)  # fmt: skip
+            t0 = time.monotonic()
+            d = start_daemon(base)
+            wait_for(lambda d=d: serving(d), timeout=120)
+            restarts.append(time.monotonic() - t0)
+            alive = protected_of(unpriv_user.uid, cgroup)
+            active = {r["pid"]: r for r in d.runs(all=False)}
+            assert alive <= set(active), (kill, alive - set(active), d.log_text()[-3000:])
+            clients = [p for p in clients if p.poll() is None]
+        for p in clients:
+            p.kill()
+            p.wait()
+        wait_for(lambda: not d.runs(all=False), timeout=60)  # every run ended, seen by the daemon
+        d.stop()
+        runs = json.loads((base / "state" / "runs.json").read_text())["runs"]
+        db = sqlite3.connect(base / "state" / "events.db")
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        counts: dict[str, dict[int, int]] = {"grant": {}, "run_end": {}}
+        for kind, data in db.execute("SELECT kind, data FROM events WHERE kind IN ('grant', 'run_end')"):
+            rid = json.loads(data)["id"]
+            counts[kind][rid] = counts[kind].get(rid, 0) + 1
+        ids = {r["id"] for r in runs}
+        assert ids and all(r["ended"] for r in runs)
+        assert {i: counts["grant"].get(i, 0) for i in ids} == dict.fromkeys(ids, 1), counts["grant"]
+        assert {i: counts["run_end"].get(i, 0) for i in ids} == dict.fromkeys(ids, 1), counts["run_end"]
+        assert all(r["exit_status"] is not None or r["end_reason"] for r in runs), runs
+        assert [p.name for p in (base / "state").iterdir() if p.name.endswith(".tmp")] == []
+        print(f"\n{KILLS} kills, {len(ids)} runs; restart to serving: median {statistics.median(restarts):.2f} s,"
+              f" max {max(restarts):.2f} s")
+    finally:
+        for p in clients:
+            if p.poll() is None:
+                p.kill()
+        d.stop()
