@@ -95,7 +95,8 @@ class Kill:
         self.handles: dict[tuple[int, int], Handle] = {}
         self.skipped: dict[int, str] = {}  # pid -> why it was left alone
         self.method = "pidfd"
-        self.stalled: list[tuple[int, str]] = []  # (pid, state) of R/D tasks at SIGKILL
+        self.stalled: list[tuple[int, str]] = []  # (pid, state) of R/D tasks at the first SIGKILL
+        self.kill_rounds = 0
         self.termed = 0
 
     @property
@@ -108,14 +109,10 @@ class Kill:
         """(pid, expected starttime or None) of what belongs to the target now."""
         if self.run is None:
             return [(p.pid, p.starttime) for p in self.orphans]
-        # Followed members, wherever they moved, by their recorded start time;
-        # pin() checks it again after opening the pidfd.
-        members = [(p, s) for p, s in self.killer.registry.members(self.run) if procfs.running(p, s)]
-        if self.run.cgroup and cgroups.exists(self.run.cgroup):
-            inside = cgroups.procs_recursive(self.run.cgroup)
-            return [(pid, None) for pid in inside] + [(p, s) for p, s in members if p not in inside]
-        first = [(self.run.pid, self.run.starttime)] if procfs.running(self.run.pid, self.run.starttime) else []
-        return first + members
+        # Outside a cgroup, by their recorded start time (followed members,
+        # wherever they moved); pin() checks it again after opening the pidfd.
+        inside, outside = self.killer.registry.processes(self.run)
+        return [(pid, None) for pid in inside] + outside
 
     def _pin_new(self) -> list[Handle]:
         fresh = []
@@ -167,19 +164,21 @@ class Kill:
     def kill(self) -> None:
         """SIGKILL what is left; called again while anything of it lives, it
         selects again (forks since the last call)."""
-        self.stalled = []
-        for h in self.handles.values():
-            if not h.exited():
-                st = procfs.snapshot(h.pid)
-                if st is not None and st.starttime == h.starttime and st.state in ("R", "D"):
-                    self.stalled.append((h.pid, st.state))
+        first = not self.kill_rounds
+        self.kill_rounds += 1
+        if first:
+            for h in self.handles.values():
+                if not h.exited():
+                    st = procfs.snapshot(h.pid)
+                    if st is not None and st.starttime == h.starttime and st.state in ("R", "D"):
+                        self.stalled.append((h.pid, st.state))
         cg = self.own_cgroup()
         frozen = None
         if cg is not None and self._cgroup_safe(cg):
             self.method = "cgroup.kill"
             cgroups.kill(cg)
         else:
-            if cg is not None and self.method != "pidfd+freeze":
+            if cg is not None and first:
                 log.warning("%s: cgroup %s holds processes the healer must not kill; killing one by one",
                             self.label, cg)  # fmt: skip
             # Frozen first, so nothing of it forks between selecting and signalling.
@@ -299,10 +298,11 @@ class Kill:
         if not self.gone():
             self.kill()
             deadline = time.monotonic() + kill_timeout
-            while not self.gone() and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 time.sleep(0.02)
-                if not self.gone():
-                    self.kill()  # select again: a fork chain is caught by the next round
+                if self.gone():
+                    break
+                self.kill()  # select again: a fork chain is caught by the next round
         return self.finish(why)
 
     def close(self) -> None:

@@ -71,13 +71,13 @@ class Response:
                 inc.phase, inc.deadline = Phase.KILLING, now + self.kill_timeout
                 self._save()
         elif inc.phase == Phase.KILLING:
-            if all(k.gone() for k in self._kills) or now >= (inc.deadline or now):
+            left = [k for k in self._kills if not k.gone()]
+            if not left or now >= (inc.deadline or now):
                 self._finish_kills(now, inc)
                 self._after_kills(now, inc)
             else:
-                for k in self._kills:
-                    if not k.gone():
-                        k.kill()  # select again until nothing of it is left
+                for k in left:
+                    k.kill()  # select again until nothing of it is left
         elif inc.phase == Phase.RESTARTING:
             self._collect_restart(now, inc)
         elif inc.phase == Phase.VERIFYING:

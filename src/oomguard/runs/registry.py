@@ -429,12 +429,18 @@ class RunRegistry:
     def pids(self, run: Run) -> list[int]:
         """Live processes of the run: its cgroup's, and followed members
         wherever they are."""
+        inside, outside = self.processes(run)
+        return inside + [p for p, _ in outside if p not in inside]
+
+    def processes(self, run: Run) -> tuple[list[int], list[tuple[int, int]]]:
+        """The run's live processes: the pids in its cgroup (when it has
+        one), and (pid, start time) of the others, its first process (when
+        it has no cgroup) and its followed members."""
         if run.cgroup and cgroups.exists(run.cgroup):
-            out = cgroups.procs_recursive(run.cgroup)
+            inside, known = cgroups.procs_recursive(run.cgroup), self.members(run)
         else:
-            out = [run.pid] if procfs.running(run.pid, run.starttime) else []
-        out += [p for p, s in self.members(run) if p not in out and procfs.running(p, s)]
-        return out
+            inside, known = [], [(run.pid, run.starttime), *self.members(run)]
+        return inside, [(p, s) for p, s in known if p not in inside and procfs.running(p, s)]
 
     def reap(self) -> list[Run]:
         """End the runs of which nothing is left (see lifecycle.RunLifecycle.reap)."""
