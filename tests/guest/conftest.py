@@ -53,6 +53,7 @@ GUEST_DIR = Path(__file__).resolve().parent
 if str(GUEST_DIR) not in sys.path:  # `import harness` under any --import-mode
     sys.path.insert(0, str(GUEST_DIR))
 
+from daemon_fixture import start_daemon  # noqa: E402
 from harness import GuestError, run_guest  # noqa: E402
 
 IN_GUEST = os.environ.get("OOMGUARD_IN_GUEST") == "1"
@@ -482,6 +483,15 @@ class Cgroup:
 
 
 _cgroup_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, unpriv_user):
+    """A real `oomguard daemon` with the default test config, one per module
+    (the allowed user's: shopuser); a module needing another config has its own."""
+    d = start_daemon(tmp_path_factory.mktemp("daemon"))
+    yield d
+    d.stop()
 
 
 @pytest.fixture

@@ -11,17 +11,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-from daemon_fixture import BIN, start_daemon, wait_for
+from daemon_fixture import BIN, wait_for
 
 OOM_PROTECT = str(BIN / "oom-protect")
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, unpriv_user):
-    d = start_daemon(tmp_path_factory.mktemp("daemon"))
-    yield d
-    d.stop()
 
 
 def alive(pid: int) -> bool:

@@ -15,18 +15,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-from daemon_fixture import BIN, start_daemon, wait_for
+from daemon_fixture import BIN, wait_for
 
 PY = sys.executable
 OOM_PROTECT = str(BIN / "oom-protect")
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, unpriv_user):
-    d = start_daemon(tmp_path_factory.mktemp("daemon"))
-    yield d
-    d.stop()
 
 
 def as_user(user, daemon, cmd, **kw):

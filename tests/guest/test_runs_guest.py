@@ -8,18 +8,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-from daemon_fixture import BIN, start_daemon
+from daemon_fixture import BIN
 
 OOM_PROTECT = str(BIN / "oom-protect")
 EXIT_FAILED = 125  # protect.py: protection could not be obtained
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, unpriv_user):
-    d = start_daemon(tmp_path_factory.mktemp("daemon"))
-    yield d
-    d.stop()
 
 
 def caller_path(cgroup) -> str:
