@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from oomguard.runs.lifecycle import RunLifecycle
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 
 
 def seeded(path: Path, ended: int, active: int) -> RunRegistry:

@@ -35,7 +35,8 @@ from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
 from oomguard.prefs.settings import UserSettings
 from oomguard.runs.lifecycle import RunLifecycle
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 from oomguard.runs.views import run_view
 from oomguard.socketops import SocketOps
 from oomguard.telemetry.liveness import Liveness, TickWatch

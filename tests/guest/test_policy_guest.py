@@ -39,7 +39,8 @@ from oomguard.forensics import ranking
 from oomguard.host import cgroups, procevents, procfs
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 
 LIMIT = 448 << 20  # the app cgroup at first: room for the shop and the user
 RESERVE = 64 << 20

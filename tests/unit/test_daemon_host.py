@@ -35,7 +35,8 @@ import pytest
 
 from oomguard.forensics.events import SCHEMA_VERSION, EventStore
 from oomguard.host import procfs
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 
 BIN = Path(sys.executable).parent
 OOMGUARD = str(BIN / "oomguard")

@@ -17,7 +17,8 @@ from oomguard.broker import Granter, Peer, Refusal
 from oomguard.host import cgroups, procfs
 from oomguard.runs import lifecycle
 from oomguard.runs.lifecycle import EXITED, RunLifecycle, RunRefused
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 from oomguard.telemetry.reasons import RefusalReason
 
 UID = 1000

@@ -30,7 +30,7 @@ from oomguard.daemon import Daemon
 from oomguard.healer import health, probe_base
 from oomguard.healer.healer import Healer
 from oomguard.host import cgroups, kmsg
-from oomguard.runs.registry import Run
+from oomguard.runs.run import Run
 from oomguard.telemetry.reasons import RefusalReason
 
 KMSG = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg"

@@ -5,7 +5,8 @@ import time
 from oomguard.forensics import oomreport, oomwatch
 from oomguard.forensics.events import EventStore
 from oomguard.host import kmsg
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 
 
 def run(rid, uid, started, ended=None):

@@ -29,7 +29,8 @@ from oomguard.host import cgroups, procfs
 from oomguard.policy import rules as policy
 from oomguard.policy import writes as policy_writes
 from oomguard.policy.enforcer import Enforcer
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 
 ROOT, NOBODY = 0, pwd.getpwnam("nobody").pw_uid
 HAS_MYSQL = policy._user_exists("mysql")

@@ -11,7 +11,7 @@ import pytest
 from broker_rig import Rig, in_process_daemon
 
 from oomguard import protect
-from oomguard.runs.registry import Run
+from oomguard.runs.run import Run
 
 
 @pytest.fixture

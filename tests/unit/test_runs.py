@@ -17,7 +17,8 @@ from oomguard import config
 from oomguard.host import procfs, statefile
 from oomguard.policy import rules as policy
 from oomguard.runs.lifecycle import RunLifecycle
-from oomguard.runs.registry import ReadOnlyRegistry, Run, RunRegistry
+from oomguard.runs.registry import ReadOnlyRegistry, RunRegistry
+from oomguard.runs.run import Run
 
 UID = 1000
 
@@ -85,7 +86,7 @@ def test_members_are_tracked_only_for_runs_without_a_cgroup(path):
 
 def test_a_run_its_user_could_move_out_of_its_cgroup_is_followed_and_lives_on(path, tmp_path, monkeypatch):
     from oomguard.host import cgroups
-    from oomguard.runs.registry import FOLLOW
+    from oomguard.runs.run import FOLLOW
 
     root = tmp_path / "cgroup"
     (root / "user.slice" / "shop" / "oomguard-run-1").mkdir(parents=True)
@@ -127,7 +128,7 @@ def test_exits_forget_members_through_a_pid_index(path):
         life.exited(10_000 + n, 0)
     life.exited(123, 0)  # nobody's: nothing changes
     assert reg.members(bare) == [(10_000 + n, n) for n in range(1, 1000, 2)]
-    assert sorted(reg._member_pids) == list(range(10_001, 11_000, 2))
+    assert sorted(reg._members.pids()) == list(range(10_001, 11_000, 2))
 
 
 # ---------------------------------------------------------------- the bound

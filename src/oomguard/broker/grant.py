@@ -26,7 +26,8 @@ from oomguard.config import ProtectConfig
 from oomguard.host import cmdline, mm, procfs
 from oomguard.host.pidfd import Pinned
 from oomguard.runs.lifecycle import RunLifecycle, RunRefused
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)

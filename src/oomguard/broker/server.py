@@ -43,7 +43,7 @@ from oomguard.broker.protocol import (
 )
 from oomguard.broker.workers import WorkerPool
 from oomguard.config import Config
-from oomguard.runs.registry import Run
+from oomguard.runs.run import Run
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,8 @@ from oomguard.healer.restart import Restarter
 from oomguard.healer.storm import StormWatch
 from oomguard.healer.warnings import RunWarnings
 from oomguard.host import procfs
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 from oomguard.telemetry.hooks import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)

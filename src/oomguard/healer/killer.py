@@ -24,7 +24,8 @@ from oomguard.healer.guard import Guard, Handle
 from oomguard.healer.tty import tell_tty
 from oomguard.host import cgroups, procfs, users
 from oomguard.runs.lifecycle import RunLifecycle
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from oomguard.config import HealerConfig
 from oomguard.healer.grace import fmt_duration
 from oomguard.healer.incident import Incident, Phase
 from oomguard.healer.tty import tell_tty
-from oomguard.runs.registry import Run
+from oomguard.runs.run import Run
 
 RecordFn = Callable[[str, dict, Iterable[int]], object]  # ActionLog.record(kind, data, uids)
 TellFn = Callable[[str, int, str], bool]  # tell_tty(path, uid, text)

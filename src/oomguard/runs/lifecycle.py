@@ -19,7 +19,8 @@ import time
 from dataclasses import replace
 
 from oomguard.host import cgroups
-from oomguard.runs.registry import FOLLOW, Run, RunRegistry, decode_wait_status
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import FOLLOW, Run, decode_wait_status
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,10 @@
 """The registry of protected runs: what the broker granted, kept across restarts.
 
-A run is one grant: the process that asked, identified by (pid, start time),
-plus the cgroup the broker made for it. Descendants of the run live in that
-cgroup (only root can move them out), which is how a run is followed after
-its first process exits, as with ``screen -d -m``. Everything later features
+A run (run.py) is one grant. Descendants of the run live in the cgroup the
+broker made for it (only root can move them out), which is how a run is
+followed after its first process exits, as with ``screen -d -m``; runs
+without one, or in a cgroup their user owns, are followed by fork events
+(members.py). Everything later features
 need (the healer's kill, attribution of OOM kills, the policy's hands-off
 rule) reads this registry.
 
@@ -20,61 +21,21 @@ import json
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from oomguard.host import cgroups, procfs
 from oomguard.host import statefile as state
+from oomguard.runs.members import Members
+from oomguard.runs.run import Run, follows
 from oomguard.runs.store import StateWriter
 
 KEEP_ENDED = 500  # ended runs kept for `oomguard runs --all`
 KEEP_ENDED_SECONDS = 7 * 24 * 3600  # and none ended longer ago than this
 
 
-@dataclass(frozen=True)
-class Run:
-    id: int
-    uid: int
-    user: str
-    pid: int
-    starttime: int  # clock ticks after boot, field 22 of /proc/<pid>/stat
-    started: float  # wall clock, for people
-    command: str  # as the kernel showed it, truncated
-    cgroup: str | None  # the run's own cgroup, None if one could not be made
-    tty: str | None = None  # controlling terminal, to tell the owner why a run was stopped
-    ended: float | None = None
-    exit_status: int | None = None  # exit code, or -N for death by signal N
-    peak_memory: int | None = None
-    end_reason: str | None = None  # "exited", "killed by healer", "boot", ...
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.pid, self.starttime)
-
-    @property
-    def active(self) -> bool:
-        return self.ended is None
-
-
-def decode_wait_status(status: int) -> int:
-    """A wait(2) status as a shell shows it: exit code, or -signal."""
-    if status & 0x7F == 0:
-        return (status >> 8) & 0xFF
-    return -(status & 0x7F)
-
-
 class ReadOnlyRegistry(RuntimeError):
     """A change was asked of a registry opened only to read."""
-
-
-FOLLOW = "follow"  # Run.extra: followed through fork events although it has a cgroup
-
-
-def follows(run: Run) -> bool:
-    """Whether the run's processes are followed through fork events: a run
-    without a cgroup, or one whose cgroup its user could move them out of."""
-    return not run.cgroup or bool(run.extra.get(FOLLOW))
 
 
 def _ancestors(cgroup: str) -> list[str]:
@@ -115,12 +76,7 @@ class RunRegistry:
         self._by_pid: dict[int, int] = {}
         self._by_cgroup: dict[str, int] = {}
         self._active_of_uid: dict[int, set[int]] = defaultdict(set)
-        # (pid, starttime) of processes that belong to a run but may live
-        # outside its cgroup (no cgroup could be made, or the user could move
-        # them out of it): followed through fork events, forgotten at exit.
-        self._members: dict[tuple[int, int], int] = {}
-        self._members_of: dict[int, set[tuple[int, int]]] = defaultdict(set)
-        self._member_pids: dict[int, tuple[int, int]] = {}
+        self._members = Members()
         # Runs ended but not yet handed to the reaper's caller (for run_end).
         self._unannounced: list[int] = []
         self._encoded: dict[int, tuple[Run, str]] = {}  # run id -> (the version encoded, its JSON)
@@ -152,7 +108,7 @@ class RunRegistry:
             self._index(run)
         if same_boot:
             for k in data.get("members", []):
-                self._add_member((int(k[0]), int(k[1])), int(k[2]))
+                self._members.add((int(k[0]), int(k[1])), int(k[2]))
             self._unannounced = [int(i) for i in data.get("unannounced", []) if int(i) in self._runs]
         self.writer.mark_written()
         if lost:
@@ -173,7 +129,7 @@ class RunRegistry:
         head = json.dumps({
             "boot_id": self.boot_id,
             "next_id": self._next_id,
-            "members": [[p, s, r] for (p, s), r in self._members.items()],
+            "members": self._members.rows(),
             "unannounced": list(self._unannounced),
         }, sort_keys=True)
         return head[:-1] + ', "runs": [' + ", ".join(text for _, text in encoded.values()) + "]}"
@@ -215,28 +171,12 @@ class RunRegistry:
         if not self._active_of_uid[run.uid]:
             del self._active_of_uid[run.uid]
 
-    def _add_member(self, key: tuple[int, int], run_id: int) -> None:
-        self._members[key] = run_id
-        self._members_of[run_id].add(key)
-        self._member_pids[key[0]] = key
-
-    def _drop_members(self, run_id: int) -> None:
-        for k in self._members_of.pop(run_id, ()):
-            if self._members.get(k) == run_id:
-                del self._members[k]
-            if self._member_pids.get(k[0]) == k:
-                del self._member_pids[k[0]]
-
     def forget_member(self, pid: int) -> None:
         """A process exited: if it was a member, it no longer is (a pid index,
         so an exit costs the same however many processes runs have)."""
         with self._lock:
-            key = self._member_pids.pop(pid, None)
-            if key is None:
+            if not self._members.forget_pid(pid):
                 return
-            rid = self._members.pop(key, None)
-            if rid is not None:
-                self._members_of[rid].discard(key)
             self._changed()
         self._save_soon()
 
@@ -270,7 +210,7 @@ class RunRegistry:
             run = replace(run, **changes)
             self._put(run)
             if not run.active:
-                self._drop_members(run_id)
+                self._members.drop_run(run_id)
             self._changed()
         self._save_soon()
         return run
@@ -286,7 +226,7 @@ class RunRegistry:
             changes.setdefault("ended", time.time())
             run = replace(run, **changes)
             self._put(run)
-            self._drop_members(run_id)
+            self._members.drop_run(run_id)
             self._unannounced.append(run_id)
             self._changed()
         self._save_soon()
@@ -310,13 +250,13 @@ class RunRegistry:
             if run is None:
                 return
             self._unindex(run)
-            self._drop_members(run_id)
+            self._members.drop_run(run_id)
             self._changed()
         self._save_soon()
 
     def add_member(self, key: tuple[int, int], run_id: int) -> None:
         with self._lock:
-            self._add_member(key, run_id)
+            self._members.add(key, run_id)
             self._changed()
         self._save_soon()
 
@@ -378,7 +318,7 @@ class RunRegistry:
                 else:
                     rid = self._by_cgroup.get("/") if cgroups.normalize(cgroup) == "/" else None
             if rid is None:
-                rid = self._members.get((pid, starttime))
+                rid = self._members.run_of((pid, starttime))
             run = self._runs.get(rid) if rid is not None else None
             return run if run is not None and run.active else None
 
@@ -398,23 +338,22 @@ class RunRegistry:
                 rid = self._by_pid.get(parent_pid)
                 if rid is not None and self._runs[rid].exit_status is not None:
                     rid = None  # that first process's exit was handled: another process
-                key = self._member_pids.get(parent_pid)
-                if rid is None and key is not None:
-                    rid = self._members.get(key)
+                if rid is None:
+                    rid = self._members.run_of_pid(parent_pid)
             else:
                 rid = self._by_key.get((parent_pid, parent_start))
                 if rid is None:
-                    rid = self._members.get((parent_pid, parent_start))
+                    rid = self._members.run_of((parent_pid, parent_start))
             run = self._runs.get(rid) if rid is not None else None
             if run is None or not run.active or not follows(run):
                 return
-            self._add_member((child_pid, child_start), run.id)
+            self._members.add((child_pid, child_start), run.id)
             self._changed()
         self._save_soon()
 
     def members(self, run: Run) -> list[tuple[int, int]]:
         with self._lock:
-            return sorted(self._members_of.get(run.id, ()))
+            return self._members.of_run(run.id)
 
     def alive(self, run: Run) -> bool:
         """Whether anything of the run still runs: never ended while a

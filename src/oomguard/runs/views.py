@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from oomguard.runs.registry import Run
+from oomguard.runs.run import Run
 
 
 def run_view(run: Run) -> dict:

@@ -26,7 +26,8 @@ from oomguard.forensics.metrics import Metrics
 from oomguard.healer import commands, healer, health, probe_base
 from oomguard.host import procfs
 from oomguard.host.procfs import Proc
-from oomguard.runs.registry import Run, RunRegistry
+from oomguard.runs.registry import RunRegistry
+from oomguard.runs.run import Run
 
 NOBODY = 65534
 

@@ -12,7 +12,7 @@ import pytest
 from oomguard.config import HealerConfig
 from oomguard.healer.incident import Incident, Phase
 from oomguard.healer.warnings import DOWN, FINAL, VOID, RunWarnings
-from oomguard.runs.registry import Run
+from oomguard.runs.run import Run
 
 WALL0 = datetime(2026, 12, 2, 14, 0, 0, tzinfo=UTC).timestamp()
 
