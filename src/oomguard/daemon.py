@@ -6,6 +6,7 @@ Threads, each with one concern, so that none can stall another:
   reaper     ends runs whose cgroups emptied, samples gauges
   oomwatch   kernel OOM reports from /dev/kmsg, attributed to runs
   healer     health checks, grace windows, kills and restarts
+  budget-run-N  ends one run livelocked at its --memory-max (healer/budget.py)
   metrics    the Prometheus exporter (prometheus-client's own thread)
   textfile   the same metrics for node_exporter, rewritten periodically
 The daemon keeps itself at oom_score_adj -1000; what it starts begins at 0.
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from oomguard.forensics import events, metrics, oomwatch, runreport, status
 from oomguard.forensics.eventreader import EventReader
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
+from oomguard.healer.budget import BudgetWatch
 from oomguard.healer.tty import tell_tty
 from oomguard.host import cgroups, journal, procevents, procfs, statefile
 from oomguard.host.sdnotify import Notifier as SystemdNotifier
@@ -34,6 +37,7 @@ from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
 from oomguard.prefs.settings import UserSettings
+from oomguard.runs.adoption import Adoption
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import RunRegistry
 from oomguard.runs.run import Run
@@ -118,7 +122,9 @@ class Daemon:
             hooks=TickWatch(self.metrics, self.liveness),  # the watchdog follows the tick
             app_cgroup=self.app_cgroup,
         )
-        self.oomwatch = oomwatch.OomWatcher(cfg.events.kmsg, self.store, self.registry, self.metrics)
+        self.budgets = BudgetWatch(self.registry, self.healer.kill_run)  # runs at their --memory-max
+        self.oomwatch = oomwatch.OomWatcher(cfg.events.kmsg, self.store, self.registry, self.metrics,
+                                            on_livelock=self.budgets.on_livelock)  # fmt: skip
         self.threads: list[threading.Thread] = []
         self.metrics_server: metrics.MetricsServer | None = None
         self.events_mode = "starting"
@@ -149,6 +155,21 @@ class Daemon:
     def on_grant(self, run: Run) -> None:
         self.metrics.grant()
         self.emit("grant", run_view(run), [run.uid])
+
+    def _on_record(self, kind: str, runs: list[Run]) -> set[int]:
+        """Which of ``runs`` have a ``kind`` event in the store."""
+        return self.store.run_ids(kind, min(r.started for r in runs) - 60) if runs else set()
+
+    def _record_what_a_crash_cut_short(self) -> None:
+        """A grant's event is written off the broker's loop, so a SIGKILL
+        right after the grant can lose it: recorded now, at the run's start."""
+        kept_since = time.time() - self.cfg.events.max_age  # older ones the store has pruned, not lost
+        runs = [r for r in self.registry.all() if r.started > kept_since]
+        recorded = self._on_record("grant", runs)
+        for run in runs:
+            if run.id not in recorded:
+                log.warning("run %d: its grant event was lost (the daemon was killed); recording it now", run.id)
+                self.store.add("grant", {**run_view(run), "recorded_late": True}, ts=run.started, uids=[run.uid])
 
     def on_refusal(self, peer: Peer, reason: str, message: str) -> None:
         # The adapter from the broker's reason string to the shared enum.
@@ -266,8 +287,13 @@ class Daemon:
             log.warning("no cgroup v2 at %s: runs get no cgroup of their own", cgroups.ROOT)
         self.writer.start()
         self.notifier.start()
-        for run in self.lifecycle.reap(at_start=True):  # what ended while no daemon watched
-            self.on_run_end(run)
+        Adoption(self.lifecycle, self.healer.may_end).adopt()  # live runs that runs.json lost
+        self._record_what_a_crash_cut_short()  # their grant events too
+        ended = self.lifecycle.reap(at_start=True)  # what ended while no daemon watched
+        announced = self._on_record("run_end", ended)
+        for run in ended:
+            if run.id not in announced:
+                self.on_run_end(run)
         self.broker.bind()
         self._thread("broker", self.broker.serve, self.stop)
         self._thread("procevents", self._events)

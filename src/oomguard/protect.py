@@ -1,6 +1,6 @@
 """oom-protect: run a command that the kernel OOM killer always skips.
 
-    oom-protect [--] CMD [ARGS...]
+    oom-protect [--report] [--memory-max SIZE] [--] CMD [ARGS...]
 
 The process that runs this file gets oom_score_adj -1000 (written directly
 when it holds CAP_SYS_RESOURCE, granted by the oomguard broker otherwise),
@@ -27,7 +27,10 @@ EXIT_FAILED = 125  # protection could not be obtained, or a usage error
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 
-USAGE = f"""usage: {PROG} [--report] [--] CMD [ARGS...]
+MIN_MEMORY_MAX = 1 << 20  # as the broker's config.broker.MIN_MEMORY_MAX
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+USAGE = f"""usage: {PROG} [--report] [--memory-max SIZE] [--] CMD [ARGS...]
 
 Run CMD with oom_score_adj -1000, so that the kernel's OOM killer never
 picks it or any process it starts. CMD keeps your environment, working
@@ -37,6 +40,10 @@ cannot be protected, and the shell you type this in is not.
 options:
   --report       when the run ends, the daemon writes its summary (duration,
                  peak memory, OOM kills while it ran) to this terminal
+  --memory-max SIZE
+                 a memory budget for CMD and all it starts (512M, 2G; swap
+                 included): at the budget the daemon stops the run at once,
+                 so the rest of the server never pays for it
   -h, --help     show this help and exit
   -V, --version  show the version and exit
 
@@ -118,7 +125,39 @@ def protect_self_directly() -> bool:
         os.close(fd)
 
 
-def ask_broker(path: str, timeout: float = 10.0, report: bool = False) -> str:
+def parse_size(text: str) -> int:
+    """Bytes from 512M, 2G, 1.5G, 2GiB or a bare number (powers of 1024);
+    ValueError otherwise. Written out, as `re` would cost the start-up."""
+    t = text.strip().upper()
+    for suffix in ("IB", "B"):
+        if t.endswith(suffix) and t[: -len(suffix)][-1:] in ("K", "M", "G", "T"):
+            t = t[: -len(suffix)]
+            break
+    unit = t[-1:] if t[-1:] in ("K", "M", "G", "T") else ""
+    whole, dot, frac = t[: len(t) - len(unit)].partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (dot and not (frac.isascii() and frac.isdigit())):
+        raise ValueError(f"--memory-max: {text!r} is not a size like 512M or 2G")
+    if len(whole) > 19:
+        raise ValueError(f"--memory-max: {text!r} is too large")
+    size = int(float(whole + dot + frac) * SIZE_UNITS[unit])
+    if size < MIN_MEMORY_MAX:
+        raise ValueError(f"--memory-max: {text!r} is below the smallest budget, 1M")
+    if size >= 1 << 60:
+        raise ValueError(f"--memory-max: {text!r} is too large")
+    return size
+
+
+def request(report: bool = False, memory_max: int | None = None) -> bytes:
+    """The protect request: one JSON line, built by hand (json imports re)."""
+    line = b'{"op": "protect", "v": 1'
+    if report:
+        line += b', "report": true'
+    if memory_max is not None:
+        line += b', "memory_max": %d' % memory_max
+    return line + b"}\n"
+
+
+def ask_broker(path: str, timeout: float = 10.0, report: bool = False, memory_max: int | None = None) -> str:
     """Ask the daemon to protect this very process. Returns the reply line;
     raises Refused with a one-line reason."""
     import _socket
@@ -135,7 +174,7 @@ def ask_broker(path: str, timeout: float = 10.0, report: bool = False) -> str:
         except OSError as e:
             raise Refused(f"cannot reach the broker at {path}: {e.strerror or e}") from None
         try:
-            s.sendall(b'{"op": "protect", "v": 1, "report": true}\n' if report else b'{"op": "protect", "v": 1}\n')
+            s.sendall(request(report, memory_max))
             reply = b""
             while not reply.endswith(b"\n") and len(reply) < 65536:
                 chunk = s.recv(4096)
@@ -160,42 +199,53 @@ def ask_broker(path: str, timeout: float = 10.0, report: bool = False) -> str:
     raise Refused(error.splitlines()[0][:300])
 
 
-def obtain_protection(env: dict[bytes, bytes], report: bool = False) -> None:
-    # A run report needs the daemon's run: ask it even when we could write ourselves.
-    if report or not protect_self_directly():
+def obtain_protection(env: dict[bytes, bytes], report: bool = False, memory_max: int | None = None) -> None:
+    # A run report or a budget needs the daemon's run: ask it even when we could write ourselves.
+    if report or memory_max is not None or not protect_self_directly():
         sock = env.get(b"OOMGUARD_SOCKET")
-        ask_broker(os.fsdecode(sock) if sock else SOCKET, report=report)
+        ask_broker(os.fsdecode(sock) if sock else SOCKET, report=report, memory_max=memory_max)
     value = read_own_adj()
     if value != PROTECTED:
         raise Refused(f"protection did not take: oom_score_adj reads {value}, not {PROTECTED}")
 
 
-def parse_args(argv: list[str]) -> tuple[str, list[str] | None]:
-    """("run", cmd), ("report", cmd) or ("help"|"version", None); raises
-    ValueError on misuse."""
-    args = argv[1:]
-    if args and args[0] == "--report":
-        what, cmd = parse_args(argv[:1] + args[1:])
-        if what != "run":
-            raise ValueError("--report goes with a command")
-        return "report", cmd
-    if args and args[0] == "--":
-        args = args[1:]
-    elif args and args[0].startswith("-") and args[0] != "-":
-        if args[0] in ("-h", "--help"):
-            return "help", None
-        if args[0] in ("-V", "--version"):
-            return "version", None
-        raise ValueError(f"unknown option {args[0]!r} (put CMD after -- if it starts with -)")
+def parse_args(argv: list[str]) -> tuple[str, list[str] | None, dict]:
+    """("run", cmd, options) or ("help"|"version", None, options); raises
+    ValueError on misuse. Options (report, memory_max) come before CMD:
+    anything after CMD's name is CMD's own."""
+    args = list(argv[1:])
+    options: dict = {"report": False, "memory_max": None}
+    given = False
+    while args and args[0].startswith("-") and args[0] != "-":
+        arg = args.pop(0)
+        if arg == "--":
+            break
+        if arg in ("-h", "--help", "-V", "--version"):
+            if given:
+                raise ValueError(f"{arg} goes alone")
+            return ("help" if arg in ("-h", "--help") else "version"), None, options
+        if arg == "--report":
+            options["report"] = True
+        elif arg == "--memory-max" or arg.startswith("--memory-max="):
+            if arg == "--memory-max":
+                if not args:
+                    raise ValueError("--memory-max needs a size, like 2G")
+                value = args.pop(0)
+            else:
+                value = arg.partition("=")[2]
+            options["memory_max"] = parse_size(value)
+        else:
+            raise ValueError(f"unknown option {arg!r} (put CMD after -- if it starts with -)")
+        given = True
     if not args:
         raise ValueError("no command given")
-    return "run", args
+    return "run", args, options
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     try:
-        what, cmd = parse_args(argv)
+        what, cmd, options = parse_args(argv)
     except ValueError as e:
         return _fail(EXIT_FAILED, f"{e}\nTry '{PROG} --help'.")
     if what == "help":
@@ -214,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError:
         return _fail(EXIT_CANNOT_RUN, f"{cmd[0]}: permission denied")
     try:
-        obtain_protection(env, report=what == "report")
+        obtain_protection(env, report=options["report"], memory_max=options["memory_max"])
     except Refused as e:
         return _fail(EXIT_FAILED, f"not protected, {cmd[0]} not run: {e}")
     except OSError as e:

@@ -72,3 +72,17 @@ def test_metrics_know_every_refusal_reason() -> None:
     from oomguard.forensics.metrics import REFUSAL_REASONS
 
     assert set(RefusalReason) <= set(REFUSAL_REASONS)
+
+
+@pytest.mark.parametrize("cmdline, shown", [
+    ("/opt/oomguard/bin/python /opt/oomguard/bin/oom-protect sleep 600", "sleep 600"),
+    ("/usr/bin/python3 -I /usr/bin/hypernode-oom-protect --report --memory-max 2G -- php x.php", "php x.php"),
+    ("python3.11 /x/oom-protect --memory-max=2G make -j4", "make -j4"),
+    ("php bin/magento import", "php bin/magento import"),  # asked by its own program: as it is
+    ("/usr/bin/python3 /usr/bin/oom-protect", "/usr/bin/python3 /usr/bin/oom-protect"),  # no CMD left: as it is
+    ("/usr/bin/python3 evil.py /x/oom-protect sleep 1", "/usr/bin/python3 evil.py /x/oom-protect sleep 1"),
+])  # fmt: skip
+def test_a_runs_command_is_cmd_as_its_owner_typed_it(cmdline, shown) -> None:
+    from oomguard.broker.grant import without_wrapper
+
+    assert without_wrapper(cmdline) == shown

@@ -109,11 +109,11 @@ def test_queries_leave_the_loop_and_one_users_flood_is_busy_not_blocking(rig: Ri
 def test_a_systemd_placement_runs_off_the_loop_and_the_reply_waits_for_it(rig: Rig, monkeypatch) -> None:
     writes = []
     monkeypatch.setattr(procfs, "write_oom_score_adj", lambda value, pid="self", dir_fd=None: writes.append(value))
-    monkeypatch.setattr(placement, "plan", lambda run_id, pid, cg: placement.Placement(
+    monkeypatch.setattr(placement, "plan", lambda run_id, pid, cg, memory_max=None: placement.Placement(
         run_id, pid, "/user.slice/user-0.slice/session-1.scope", scope_slice="user-0.slice"))
     asked, gate = threading.Event(), threading.Event()
 
-    def slow_scope(name, pid, slice_, description):
+    def slow_scope(name, pid, slice_, description, memory_max=None):
         asked.set()
         gate.wait(10)
         return None  # systemd made it

@@ -61,8 +61,12 @@ def test_without_report_the_terminal_is_left_alone(rig):
 
 
 def test_the_client_takes_report_before_the_command():
-    assert protect.parse_args(["oom-protect", "--report", "php", "x.php"]) == ("report", ["php", "x.php"])
-    assert protect.parse_args(["oom-protect", "--report", "--", "-x"]) == ("report", ["-x"])
-    assert protect.parse_args(["oom-protect", "php", "--report"]) == ("run", ["php", "--report"])  # CMD's own
-    with pytest.raises(ValueError, match="--report goes with a command"):
+    def parsed(*argv):
+        what, cmd, options = protect.parse_args(["oom-protect", *argv])
+        return what, cmd, options["report"]
+
+    assert parsed("--report", "php", "x.php") == ("run", ["php", "x.php"], True)
+    assert parsed("--report", "--", "-x") == ("run", ["-x"], True)
+    assert parsed("php", "--report") == ("run", ["php", "--report"], False)  # CMD's own
+    with pytest.raises(ValueError, match="--help goes alone"):
         protect.parse_args(["oom-protect", "--report", "--help"])

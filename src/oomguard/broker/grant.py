@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from oomguard.host import cmdline, mm, procfs
 from oomguard.host.pidfd import Pinned
 from oomguard.runs.lifecycle import RunLifecycle, RunRefused
 from oomguard.runs.registry import RunRegistry
-from oomguard.runs.run import Run
+from oomguard.runs.run import BUDGET, Run
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,19 @@ def tty_path(tty_nr: int) -> str | None:
     if major == 4:
         return f"/dev/tty{minor}" if minor < 64 else f"/dev/ttyS{minor - 64}"
     return None
+
+
+# The asker is oom-protect itself (a Python script) about to exec CMD: its own
+# interpreter, path and options say nothing that its owner would recognise.
+_WRAPPER = re.compile(
+    r"^(?:\S*/)?python3?(?:\.\d+)?(?: -\S+)* \S*/(?:hypernode-)?oom-protect"
+    r"(?: (?:--report|--memory-max(?:=\S*| \S+)))*(?: --)? (?=\S)"
+)
+
+
+def without_wrapper(command: str) -> str:
+    """The run's command as its owner typed it: CMD and its arguments."""
+    return _WRAPPER.sub("", command, count=1)
 
 
 @dataclass
@@ -92,21 +106,22 @@ class Granter:
         if not self._cmdline_readers.acquire(blocking=False):
             return "<cmdline not read: too many pending reads>"
         try:
-            return cmdline.read_cmdline_bounded(peer.pid, peer.dirfd, timeout=0.2, limit=512)
+            return without_wrapper(cmdline.read_cmdline_bounded(peer.pid, peer.dirfd, timeout=0.2, limit=512))
         finally:
             self._cmdline_readers.release()
 
     # ------------------------------------------------------------ the halves
 
-    def grant(self, peer: Peer, *, report: bool = False) -> Run:
-        started = self.start(peer, report=report)
+    def grant(self, peer: Peer, *, report: bool = False, memory_max: int | None = None) -> Run:
+        started = self.start(peer, report=report, memory_max=memory_max)
         return started if isinstance(started, Run) else self.finish(started)
 
-    def start(self, peer: Peer, *, report: bool = False) -> Run | Pending:
+    def start(self, peer: Peer, *, report: bool = False, memory_max: int | None = None) -> Run | Pending:
         """The fast half: the run the peer already belongs to (asked again),
         or a reserved ``Pending``. Refusal otherwise, logged and reported.
-        ``report``: tell the run's terminal its summary when it ends."""
-        return self._reported(peer, lambda: self._start(peer, report))
+        ``report``: tell the run's terminal its summary when it ends;
+        ``memory_max``: the budget asked for (bytes), within [protect]'s."""
+        return self._reported(peer, lambda: self._start(peer, report, memory_max))
 
     def finish(self, pending: Pending) -> Run:
         """The slow half; the reservation ends either way."""
@@ -133,9 +148,13 @@ class Granter:
             self.on_refusal(peer, r.reason, str(r))
             raise
 
-    def _start(self, peer: Peer, report: bool = False) -> Run | Pending:
+    def _start(self, peer: Peer, report: bool = False, memory_max: int | None = None) -> Run | Pending:
         if not is_allowed(self.config, peer):
             raise Refusal(refusal_text(self.config, peer), RefusalReason.NOT_ALLOWED)
+        try:
+            budget = self.config.budget(memory_max)
+        except ValueError as e:
+            raise Refusal(str(e), RefusalReason.LIMIT) from None
         pinned = peer.pinned
         if peer.pin_error or pinned is None:
             raise Refusal(peer.pin_error or GONE, RefusalReason.GONE)
@@ -171,7 +190,12 @@ class Granter:
             tty=tty_path(st.tty_nr),
             extra={"report": True} if report else {},
         )
-        where = placement.plan(run_id, peer.pid, caller_cgroup if self.config.run_cgroups else None)
+        if budget is not None and not self.config.run_cgroups:
+            raise Refusal("a memory budget needs a cgroup for the run, and [protect] run_cgroups is off",
+                          RefusalReason.ERROR)  # fmt: skip
+        where = placement.plan(run_id, peer.pid, caller_cgroup if self.config.run_cgroups else None, budget)
+        if where.memory_max is not None:
+            run = replace(run, extra={**run.extra, BUDGET: where.memory_max})
         self._reserve(run)  # the last step: from here on, finish or cancel releases it
         return Pending(peer, run, where)
 

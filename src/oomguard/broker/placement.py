@@ -6,6 +6,13 @@ cgroup (runs/lifecycle.py makes it, and refuses a planted one): a mkdir and a
 write, done at once. On a systemd host a transient scope in the caller's
 slice, asked of systemd over D-Bus, which can take seconds: such a placement
 is ``slow``, and the broker runs it off its loop.
+
+A run with a memory budget needs the memory controller in its own cgroup.
+A scope gets it from systemd (``MemoryMax=``). On a plain host the caller's
+cgroup holds processes, so it cannot enable controllers for children: the
+run's cgroup goes beside the caller's instead, and its budget is clamped to
+the tightest limit on the caller's way to the root, so the run can never
+take more than its caller could.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from dataclasses import dataclass
 
 from oomguard.host import cgroups, scope
 from oomguard.runs import lifecycle
+from oomguard.runs.lifecycle import RunRefused
+from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,7 @@ class Placement:
     pid: int
     caller_cgroup: str | None
     scope_slice: str | None = None  # set: try a systemd scope in this slice first
+    memory_max: int | None = None  # the run's budget, already clamped to the caller's limits
 
     @property
     def slow(self) -> bool:
@@ -41,23 +51,50 @@ class Placement:
             return None
         if self.scope_slice is not None:
             name = f"{lifecycle.cgroup_name(self.run_id)}.scope"
-            why = scope.start_scope(name, self.pid, self.scope_slice, f"oom-protect run {self.run_id}")
+            why = scope.start_scope(name, self.pid, self.scope_slice, f"oom-protect run {self.run_id}",
+                                    memory_max=self.memory_max)  # fmt: skip
             if why is None:
                 return cgroups.join(self.caller_cgroup.rsplit("/", 1)[0], name)
             log.warning("run %d: systemd scope failed: %s", self.run_id, why)
-        return lifecycle.make_cgroup(self.run_id, self.pid, self.caller_cgroup)
+        if self.memory_max is None:
+            return lifecycle.make_cgroup(self.run_id, self.pid, self.caller_cgroup)
+        parent = self._budget_parent()
+        cg = lifecycle.make_cgroup(self.run_id, self.pid, parent, memory_max=self.memory_max)
+        if cg is None:
+            raise RunRefused(f"the run could not be moved into its budgeted cgroup under {parent}",
+                             RefusalReason.ERROR)  # fmt: skip
+        return cg
+
+    def _budget_parent(self) -> str:
+        """Where a budgeted run's cgroup goes: beside the caller's, with the
+        memory controller enabled there for it."""
+        caller = cgroups.normalize(self.caller_cgroup or "/")
+        parent = caller if caller == "/" else caller.rsplit("/", 1)[0] or "/"
+        try:
+            cgroups.enable_controllers(parent, ["memory"])
+        except OSError as e:
+            raise RunRefused(f"cannot give the run a memory budget: the memory controller cannot be enabled "
+                             f"in {parent}: {e.strerror or e}", RefusalReason.ERROR) from None  # fmt: skip
+        return parent
 
 
-def plan(run_id: int, pid: int, caller_cgroup: str | None) -> Placement:
-    """Decide the placement from the caller's cgroup, without touching it."""
+def plan(run_id: int, pid: int, caller_cgroup: str | None, memory_max: int | None = None) -> Placement:
+    """Decide the placement from the caller's cgroup, without touching it.
+    RunRefused when a budget is asked for and no cgroup can hold it."""
     if caller_cgroup is None or not cgroups.is_v2():
+        if memory_max is not None:
+            raise RunRefused("a memory budget needs a cgroup v2 host with run cgroups on", RefusalReason.ERROR)
         return Placement(run_id, pid, None)
+    if memory_max is not None:
+        limit = cgroups.effective_memory_limit(caller_cgroup)
+        memory_max = memory_max if limit is None else min(memory_max, limit)
     if cgroups.systemd_booted():
         unit = cgroups.unit_of(caller_cgroup)
         parent = caller_cgroup.rsplit("/", 1)[0] if unit else caller_cgroup
         slice_ = parent.rsplit("/", 1)[-1] or "-.slice"
         # A scope beside the caller's unit would escape limits set on that unit
-        # itself; only use one when the unit sets none.
-        if unit and slice_.endswith(".slice") and cgroups.memory_max(caller_cgroup) is None:
-            return Placement(run_id, pid, caller_cgroup, scope_slice=slice_)
-    return Placement(run_id, pid, caller_cgroup)
+        # itself; only use one when the unit sets none, or the budget (clamped
+        # to them) bounds it.
+        if unit and slice_.endswith(".slice") and (memory_max is not None or cgroups.memory_max(caller_cgroup) is None):
+            return Placement(run_id, pid, caller_cgroup, scope_slice=slice_, memory_max=memory_max)
+    return Placement(run_id, pid, caller_cgroup, memory_max=memory_max)

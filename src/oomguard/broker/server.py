@@ -43,7 +43,8 @@ from oomguard.broker.protocol import (
 )
 from oomguard.broker.workers import WorkerPool
 from oomguard.config import Config
-from oomguard.runs.run import Run
+from oomguard.config.broker import MIN_MEMORY_MAX
+from oomguard.runs.run import BUDGET, Run
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
@@ -273,8 +274,7 @@ class Broker:
     def _protect(self, conn: _Conn, request: dict) -> None:
         """The grant's fast half here; a slow placement in the placement pool."""
         try:
-            report = _check_protect(request)
-            started = self.granter.start(conn.peer, report=report)
+            started = self.granter.start(conn.peer, **_check_protect(request))
         except Refusal as r:
             self._reply(conn, refused(str(r)))
             return
@@ -304,8 +304,7 @@ class Broker:
         op = request["op"]
         if op == "protect":
             try:
-                report = _check_protect(request)
-                return _granted(self.granter.grant(peer, report=report))
+                return _granted(self.granter.grant(peer, **_check_protect(request)))
             except Refusal as r:
                 return refused(str(r))
         if op == "ping":
@@ -393,11 +392,17 @@ class Broker:
         conn.sock.close()
 
 
-def _check_protect(request: dict) -> bool:
-    """Whether the run's summary goes to its terminal at its end."""
+def _check_protect(request: dict) -> dict:
+    """The grant's options: ``report`` (the run's summary to its terminal at
+    its end) and ``memory_max`` (its budget in bytes, or None)."""
     integer(request, "v", 0, 1 << 16, 1, "protect: v must be a small integer (the protocol version)")
-    return flag(request, "report")
+    budget = integer(request, "memory_max", MIN_MEMORY_MAX, 1 << 60, None,
+                     "protect: memory_max must be a number of bytes, at least 1 MiB")  # fmt: skip
+    return {"report": flag(request, "report"), "memory_max": budget}
 
 
 def _granted(run: Run) -> dict:
-    return {"ok": True, "run": run.id, "cgroup": run.cgroup}
+    reply = {"ok": True, "run": run.id, "cgroup": run.cgroup}
+    if run.extra.get(BUDGET) is not None:
+        reply["memory_max"] = run.extra[BUDGET]
+    return reply

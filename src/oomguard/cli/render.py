@@ -136,6 +136,8 @@ def render_run_report(report: dict) -> str:
         f"{'running for' if report['running'] else 'ran for':<11} {_run_duration(report['duration'])}",
         f"peak memory {fmt_size(report['peak_memory'])}",
     ]
+    if run.get("memory_max") is not None:
+        out.append(f"budget      {fmt_size(run['memory_max'])} (oom-protect --memory-max)")
     if not report["running"]:
         out.append(f"ended       {fmt_time(run['ended'])} by {show(report['ended_by'])}, "
                    f"exit status {run.get('exit_status', '-')}")  # fmt: skip

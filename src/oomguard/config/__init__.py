@@ -43,6 +43,7 @@ from oomguard.config.policy import (
 )
 from oomguard.config.values import (
     ConfigError,
+    format_size,
     parse_clock,
     parse_duration,
     parse_size,
@@ -57,7 +58,7 @@ __all__ = [
     "Check", "Config", "ConfigError", "Layers", "load_layers", "EventsConfig", "ExecHook", "NotifyConfig", "WebhookHook", "HealerConfig", "LayoutConfig", "MetricsConfig",
     "PolicyClass", "PolicyConfig", "ProtectConfig", "Service", "Window",
     "load", "login_uid_range", "parse", "parse_clock", "parse_duration", "parse_listen", "parse_policy_class",
-    "parse_size", "resolve_group", "resolve_user", "split_argv", "windows_overlap",
+    "format_size", "parse_size", "resolve_group", "resolve_user", "split_argv", "windows_overlap",
 ]  # fmt: skip
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from oomguard.config.table import Table
-from oomguard.config.values import ConfigError, resolve_group, resolve_user
+from oomguard.config.values import ConfigError, format_size, parse_size, resolve_group, resolve_user
 
 DEFAULT_SOCKET = "/run/oomguard/protect.sock"
+MIN_MEMORY_MAX = 1 << 20  # a smaller budget livelocks before the command has started
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,21 @@ class ProtectConfig:
     run_cgroups: bool = True
     max_runs_per_uid: int = 64  # active runs one user may hold at once
     user_settings: tuple[str, ...] = ()  # settings users may change for themselves
+    # Memory budgets (`oom-protect --memory-max`): the largest a run may ask
+    # for (set, every run gets one), and the budget of a run that asks none.
+    max_memory_max: int | None = None
+    default_memory_max: int | None = None
+
+    def budget(self, asked: int | None) -> int | None:
+        """A run's budget: what it asked, else the default, else the most;
+        ValueError (the reason) when it asked for more than the most."""
+        most = self.max_memory_max
+        if asked is not None and most is not None and asked > most:
+            raise ValueError(f"a memory budget of {format_size(asked)} is above this host's most, "
+                             f"{format_size(most)} ([protect] max_memory_max)")  # fmt: skip
+        if asked is not None:
+            return asked
+        return self.default_memory_max if self.default_memory_max is not None else most
 
 
 def parse_protect(t: Table) -> ProtectConfig:
@@ -44,9 +60,25 @@ def parse_protect(t: Table) -> ProtectConfig:
         run_cgroups=t.get("run_cgroups", kind=bool),
         max_runs_per_uid=t.bounded_int("max_runs_per_uid", 1, 4096),
         user_settings=_user_settings(t),
+        max_memory_max=_budget(t, "max_memory_max"),
+        default_memory_max=_budget(t, "default_memory_max"),
     )
     t.done()
+    most, default = cfg.max_memory_max, cfg.default_memory_max
+    if most is not None and default is not None and default > most:
+        raise ConfigError(f"{t.k('default_memory_max')}: {format_size(default)} is above max_memory_max "
+                          f"({format_size(most)})")  # fmt: skip
     return cfg
+
+
+def _budget(t: Table, name: str) -> int | None:
+    raw = t.get(name, None)
+    if raw is None:
+        return None
+    size = parse_size(raw, t.k(name))
+    if size < MIN_MEMORY_MAX:
+        raise ConfigError(f"{t.k(name)}: {raw!r} is below the smallest budget, {format_size(MIN_MEMORY_MAX)}")
+    return size
 
 
 USER_SETTINGS = ("permissive",)  # prefs.settings.KNOWN's names

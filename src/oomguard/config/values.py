@@ -71,6 +71,14 @@ def parse_size(value: Any, key: str = "size") -> int:
     raise ConfigError(f"{key}: expected a size like \"512M\" or \"2G\", got {value!r}")
 
 
+def format_size(size: int) -> str:
+    """The shortest exact spelling parse_size reads back: 2G, 1536M, 4097K."""
+    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
 def parse_clock(value: Any, key: str) -> dtime:
     """A time of day from ``"23:00"``."""
     if isinstance(value, dtime):

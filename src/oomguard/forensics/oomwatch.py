@@ -41,11 +41,13 @@ class OomWatcher:
         registry: RunRegistry,
         hooks: Hooks = NO_HOOKS,
         on_event: Callable[[str, dict], None] | None = None,
+        on_livelock: Callable[[str | None], None] | None = None,
     ):
         self.store = store
         self.registry = registry
         self.hooks = hooks
         self.on_event = on_event
+        self.on_livelock = on_livelock  # every livelock message's cgroup, repeats included
         self.parser = oomreport.OomParser()
         self.livelocks = oomreport.LivelockTracker()
         seq = store.get_state("kmsg.seq")
@@ -103,6 +105,8 @@ class OomWatcher:
                 )  # fmt: skip
             elif kind == "oom_livelock":
                 self.hooks.oom_livelock()
+                if self.on_livelock is not None:
+                    self.on_livelock(ev.oom_memcg)
                 seen = self.livelocks.seen(ev, time.monotonic())
                 self.hooks.set_livelock(True)
                 if not seen:

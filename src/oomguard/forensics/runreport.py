@@ -2,7 +2,8 @@
 
 How long it ran, its peak memory, the kernel OOM kills that happened while
 it was alive (with their victims, as the asker may see them) and what ended
-it: its own exit, the healer, or an administrator or its owner.
+it: its own exit, the healer, its memory budget, or an administrator or
+its owner.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ MAX_KILLS = 500  # events looked at for one report
 _ENDERS = (
     ("killed by healer", "the healer (the shop was down past the grace)"),
     ("exited", "its own exit"),
+    ("exceeded its", "its memory budget (oom-protect --memory-max)"),
 )
 
 

@@ -48,7 +48,7 @@ from oomguard.healer.response import Response
 from oomguard.healer.restart import Restarter
 from oomguard.healer.storm import StormWatch
 from oomguard.healer.warnings import RunWarnings
-from oomguard.host import procfs
+from oomguard.host import procfs, users
 from oomguard.runs.registry import RunRegistry
 from oomguard.runs.run import Run
 from oomguard.telemetry.hooks import NO_HOOKS, Hooks
@@ -100,6 +100,7 @@ class Healer:
         self.tick_interval = tick_interval
         self.kill_timeout = kill_timeout
         self.uid_range = login_uid_range()
+        self.protect = config.protect  # who may ask: whose loose -1000 processes are ours to end
         guard = Guard(is_exempt)
         self.killer = Killer(registry, self.app_cgroup, guard)
 
@@ -248,18 +249,33 @@ class Healer:
     def select_targets(self) -> list[Kill]:
         """Every active run with live processes, plus protected (-1000)
         processes of login users that belong to no run, grouped by owner."""
-        return self.killer.select_targets(self.processes, self.uid_range)
+        return self.killer.select_targets(self.processes, self.sweepable)
+
+    def sweepable(self, uid: int) -> bool:
+        """Whether a -1000 process of ``uid`` outside any run is the healer's
+        to end: a login user's, or one [protect] lets ask (a system account
+        such as www-data included)."""
+        lo, hi = self.uid_range
+        if lo <= uid <= hi or (self.protect.allow_uids is not None and uid in self.protect.allow_uids):
+            return True
+        return bool(self.protect.allow_gids and users.groups_of(uid) & self.protect.allow_gids)
+
+    def may_end(self, proc: procfs.Proc) -> bool:
+        """The sweep's rule for one loose -1000 process (and adoption's)."""
+        return self.sweepable(proc.uid) and self.killer.guard.refusal(proc) is None
 
     def kill_run(
         self,
         run: Run | int,
         reason: str = KILLED_BY_HEALER,
         why: str = "stopped by an administrator",
+        term_timeout: float | None = None,
     ) -> dict:
         """End one run as the healer does (SIGTERM, term_timeout, SIGKILL of
         its own cgroup or its pidfds, confirm) and return the record. Blocks
-        for at most term_timeout + kill_timeout. For `oomguard kill-run ID`:
-        an explicit command, so it acts even in dry-run mode."""
+        for at most term_timeout (the config's unless given) + kill_timeout.
+        For `oomguard kill-run ID` and a run over its budget: explicit, so
+        it acts even in dry-run mode."""
         if isinstance(run, int):
             found = self.registry.get(run)
             if found is None:
@@ -273,7 +289,7 @@ class Healer:
                 "end_reason": run.end_reason,
             }
         k = Kill(self.killer, run, run.uid, run.user, reason=reason)
-        rec = k.at_once(self.cfg.term_timeout, self.kill_timeout, why)
+        rec = k.at_once(self.cfg.term_timeout if term_timeout is None else term_timeout, self.kill_timeout, why)
         log.warning("%s: %s via %s (%s)", k.label, rec["action"], rec["method"], why)
         self._record(rec, [run.uid], dry_run=False)
         return rec

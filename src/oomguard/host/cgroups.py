@@ -248,6 +248,16 @@ def set_memory_max(cgroup: str, limit: int | None) -> None:
     _write(cgroup, "memory.max", "max" if limit is None else str(limit))
 
 
+def set_memory_budget(cgroup: str, limit: int) -> None:
+    """memory.max, and memory.swap.max 0 where swap is accounted: a budget
+    the cgroup cannot stretch by swapping."""
+    set_memory_max(cgroup, limit)
+    try:
+        _write(cgroup, "memory.swap.max", "0")
+    except FileNotFoundError:
+        pass  # no swap accounting here: the kernel cannot bound its swap
+
+
 def memory_events(cgroup: str) -> dict[str, int]:
     """memory.events: low, high, max, oom, oom_kill (and oom_group_kill)."""
     return read_flat_keyed(cgroup, "memory.events")
@@ -296,6 +306,14 @@ def unit_of(cgroup: str | None, *, check_owner: bool = True) -> str | None:
         if part.startswith("user@") and part.endswith(".service"):
             break
     return unit
+
+
+def owner(cgroup: str) -> int | None:
+    """The uid owning the cgroup's directory; None if it is gone."""
+    try:
+        return os.stat(path(cgroup), follow_symlinks=False).st_uid
+    except FileNotFoundError:
+        return None
 
 
 def under_a_user_owned(cgroup: str) -> bool:

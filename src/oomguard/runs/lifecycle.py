@@ -50,8 +50,9 @@ def owns_cgroup(run: Run) -> bool:
     return leaf in (cgroup_name(run.id), cgroup_name(run.id) + ".scope")
 
 
-def make_cgroup(run_id: int, pid: int, parent: str) -> str | None:
-    """A new cgroup for the run under ``parent``, with ``pid`` moved into it.
+def make_cgroup(run_id: int, pid: int, parent: str, memory_max: int | None = None) -> str | None:
+    """A new cgroup for the run under ``parent``, with ``pid`` moved into it;
+    with ``memory_max``, that budget (and no swap) is set before the move.
 
     An existing directory of that name is refused, never adopted: in a
     cgroup delegated to the user it may have been planted, with limits or
@@ -68,6 +69,13 @@ def make_cgroup(run_id: int, pid: int, parent: str) -> str | None:
         log.warning("run %d: cannot create %s: %s", run_id, cg, e)
         raise RunRefused(f"cannot create the run's cgroup under {parent}: {e.strerror or e}",
                          RefusalReason.ERROR) from None
+    if memory_max is not None:
+        try:
+            cgroups.set_memory_budget(cg, memory_max)
+        except OSError as e:
+            _remove(cg)
+            raise RunRefused(f"cannot set the run's memory budget in {cg}: {e.strerror or e}",
+                             RefusalReason.ERROR) from None  # fmt: skip
     try:
         cgroups.move(pid, cg)
     except OSError as e:

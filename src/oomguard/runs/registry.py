@@ -196,6 +196,15 @@ class RunRegistry:
             self._changed()
         return rid
 
+    def claim_id(self, run_id: int) -> bool:
+        """Take ``run_id`` for a run found again (adoption.py) if no run has it."""
+        with self._lock:
+            if run_id in self._runs or run_id < 1:
+                return False
+            self._next_id = max(self._next_id, run_id + 1)
+            self._changed()
+        return True
+
     def add(self, run: Run) -> None:
         with self._lock:
             self._put(run)
@@ -303,6 +312,12 @@ class RunRegistry:
         """The active run whose first process has this pid."""
         with self._lock:
             rid = self._by_pid.get(pid)
+            return self._runs[rid] if rid is not None else None
+
+    def by_cgroup(self, cgroup: str) -> Run | None:
+        """The active run whose own cgroup this is (not one inside it)."""
+        with self._lock:
+            rid = self._by_cgroup.get(cgroups.normalize(cgroup))
             return self._runs[rid] if rid is not None else None
 
     def run_of(self, pid: int, starttime: int, cgroup: str | None) -> Run | None:

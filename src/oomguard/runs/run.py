@@ -50,3 +50,11 @@ def follows(run: Run) -> bool:
     """Whether the run's processes are followed through fork events: a run
     without a cgroup, or one whose cgroup its user could move them out of."""
     return not run.cgroup or bool(run.extra.get(FOLLOW))
+
+
+BUDGET = "memory_max"  # Run.extra: the run's memory budget in bytes (oom-protect --memory-max)
+
+
+def budget_of(run: Run) -> int | None:
+    value = run.extra.get(BUDGET)
+    return value if isinstance(value, int) else None

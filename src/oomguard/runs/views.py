@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from oomguard.runs.run import Run
+from oomguard.runs.run import Run, budget_of
 
 
 def run_view(run: Run) -> dict:
@@ -19,4 +19,5 @@ def run_view(run: Run) -> dict:
         "exit_status": run.exit_status,
         "peak_memory": run.peak_memory,
         "end_reason": run.end_reason,
+        "memory_max": budget_of(run),  # its budget (oom-protect --memory-max), None for none
     }
