@@ -115,3 +115,35 @@ def test_killed_twenty_times_the_daemon_forgets_no_live_run_and_loses_no_event(t
             if p.poll() is None:
                 p.kill()
         d.stop()
+
+
+def test_a_restart_that_lost_runs_json_adopts_each_live_run_by_its_cgroup(tmp_path, unpriv_user, cgroup):
+    """runs.json gone (a restore, a disk error): the run's cgroup and its
+    -1000 processes are still there, and a restarted daemon knows the run
+    again, by its id, before it serves; the run then ends as any other."""
+    base = tmp_path / "d"
+    d = start_daemon(base)
+    p = cgroup.popen(unpriv_user.argv([OOM_PROTECT, "sleep", "300"]), env=unpriv_user.env(OOMGUARD_SOCKET=d.socket))
+    try:
+        run = wait_for(lambda: next((r for r in d.runs(all=False) if r["pid"] == p.pid), None), timeout=60)
+        wait_for(lambda: Path(f"/proc/{p.pid}/comm").read_text().strip() == "sleep", timeout=60)
+        d.proc.kill()
+        d.proc.wait()
+        (base / "state" / "runs.json").unlink()
+        d = start_daemon(base)
+        wait_for(lambda: serving(d), timeout=60)  # the old socket file outlived the SIGKILL
+        again = next(r for r in d.runs(all=False))  # the first answer already knows it
+        assert (again["id"], again["pid"], again["cgroup"], again["uid"]) == (run["id"], p.pid, run["cgroup"],
+                                                                             unpriv_user.uid)  # fmt: skip
+        assert again["command"] == "sleep 300" and again["ended"] is None
+        grants = [e for e in d.cli_json("events", "--kind", "grant") if e["data"]["id"] == run["id"]]
+        assert len(grants) == 1  # the first grant's event is still in the store: none added
+        p.kill()
+        assert p.wait(30) == -signal.SIGKILL
+        ended = wait_for(lambda: next((r for r in d.runs() if r["id"] == run["id"] and r["ended"]), None), 60)
+        assert ended["exit_status"] == -signal.SIGKILL and ended["end_reason"] == "exited"
+        assert not Path("/sys/fs/cgroup" + run["cgroup"]).exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        d.stop()

@@ -755,6 +755,33 @@ def test_runs_that_ended_while_no_daemon_watched_say_so_before_it_serves(base, d
     assert runs[2]["end_reason"] == "exited"  # what ended before is left as it was
 
 
+def test_a_restart_records_grants_a_crash_lost_once_and_announces_no_end_twice(base, daemons, nobody_sleeper):
+    """A grant's event is written off the broker's loop and a run's end is
+    announced before runs.json is flushed: a SIGKILL in either window must
+    leave each run with exactly one grant and at most one run_end event."""
+    d = HostDaemon(base)
+    d.write_config()
+    d.state.mkdir()
+    seeded = seed_runs(d.state, live_pid=nobody_sleeper.pid, dead=2)
+    dead = [r.id for r in seeded if r.command.startswith("dead run")]
+    with EventStore(str(d.db), 30 * 86400, 100_000) as store:
+        store.add("grant", {"id": seeded[0].id}, uids=[NOBODY])  # this one's grant made it to disk
+        store.add("run_end", {"id": dead[0]}, uids=[1000])  # announced; the crash came before the flush
+    for _ in range(2):
+        daemons.append(d.start())
+        counts: dict[str, dict[int, int]] = {"grant": {}, "run_end": {}}
+        for e in d.cli_json("events", "--since", "1d"):
+            if e["kind"] in counts:
+                counts[e["kind"]][e["data"]["id"]] = counts[e["kind"]].get(e["data"]["id"], 0) + 1
+        assert counts["grant"] == {r.id: 1 for r in seeded}
+        assert counts["run_end"] == dict.fromkeys(dead, 1)
+        d.stop(signal.SIGKILL)
+    with EventStore(str(d.db), 30 * 86400, 100_000) as store:
+        late = [e for e in store.query(kinds=["grant"]) if e["data"].get("recorded_late")]
+    assert sorted(e["data"]["id"] for e in late) == [r.id for r in seeded[1:]]
+    assert all(e["ts"] == next(r.started for r in seeded if r.id == e["data"]["id"]) for e in late)
+
+
 def test_a_user_changes_an_allowed_setting_and_it_is_an_event(base, daemons):
     d = HostDaemon(base)
     d.write_config(protect_extra='user_settings = ["permissive"]')

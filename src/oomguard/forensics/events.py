@@ -304,6 +304,15 @@ class EventStore:
             for event_id, ts, kind, data, owners in rows
         ]
 
+    def run_ids(self, kind: str, since: float) -> set[int]:
+        """The run ids named (data "id") by events of ``kind`` since ``since``:
+        which runs' grant or end is on record, at a restart."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT json_extract(data, '$.id') FROM events WHERE kind = ? AND ts >= ?", (kind, since)
+            ).fetchall()
+        return {r[0] for r in rows if isinstance(r[0], int)}
+
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]

@@ -42,16 +42,15 @@ class Killer:
         self.guard = guard
 
     def select_targets(
-        self, processes: Callable[[], Iterable[procfs.Proc]], uid_range: tuple[int, int]
+        self, processes: Callable[[], Iterable[procfs.Proc]], sweepable: Callable[[int], bool]
     ) -> list[Kill]:
         """Every active run with live processes, plus protected (-1000)
-        processes of login users (``uid_range``) that belong to no run,
-        grouped by owner."""
+        processes that belong to no run of the users ``sweepable`` names
+        (login users and those allowed to ask), grouped by owner."""
         targets: list[Kill] = []
         for run in self.registry.active():
             if self.registry.pids(run):
                 targets.append(Kill(self, run, run.uid, run.user))
-        lo, hi = uid_range
         orphans: dict[int, list[procfs.Proc]] = collections.defaultdict(list)
         for proc in processes():
             if proc.oom_score_adj != OOM_SCORE_ADJ_MIN or proc.state == "Z":
@@ -59,8 +58,8 @@ class Killer:
             if self.registry.run_of(proc.pid, proc.starttime, proc.cgroup) is not None:
                 continue
             why = self.guard.refusal(proc)
-            if why is None and not lo <= proc.uid <= hi:
-                why = f"uid {proc.uid} is not a login user"
+            if why is None and not sweepable(proc.uid):
+                why = f"uid {proc.uid} is neither a login user nor allowed to ask for protection"
             if why is not None:
                 log.info("leaving protected pid %d (%s) alone: %s", proc.pid, proc.comm, why)
                 continue

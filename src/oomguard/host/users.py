@@ -7,6 +7,7 @@ name or id, and gets None for an unknown one rather than a KeyError.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 from pathlib import Path
 
@@ -45,6 +46,15 @@ def name_of(uid: int) -> str | None:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, OverflowError):
         return None
+
+
+def groups_of(uid: int) -> set[int]:
+    """The uid's primary and supplementary gids; empty for an unknown uid."""
+    try:
+        pw = pwd.getpwuid(uid)
+        return set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    except (KeyError, OverflowError, OSError):
+        return set()
 
 
 def exists(name: str) -> bool:
