@@ -115,3 +115,17 @@ def test_selection_of_protected_processes_outside_runs(rig):
     targets = h.select_targets()
     assert [(t.uid, [p.pid for p in t.orphans]) for t in targets] == [(lo, [103, 108]), (lo + 1, [109])]
     assert all(t.run is None for t in targets)
+
+
+def test_an_allowed_system_account_is_swept_too(rig):
+    """allow_users = ["www-data"]: its loose -1000 processes are the healer's
+    to end, as a login user's are; another system account's stay alone."""
+    import dataclasses
+
+    lo, _ = login_uid_range()
+    rig.config = dataclasses.replace(rig.config, protect=dataclasses.replace(
+        rig.config.protect, allow_uids=frozenset({33, lo})))  # fmt: skip
+    fakes = [fake_proc(106, 33), fake_proc(110, 34), fake_proc(108, lo)]
+    h = rig.healer(processes=lambda: fakes)
+    assert [(t.uid, [p.pid for p in t.orphans]) for t in h.select_targets()] == [(33, [106]), (lo, [108])]
+    assert h.may_end(fakes[0]) and not h.may_end(fakes[1])
