@@ -19,7 +19,7 @@ OOM_PROTECT = str(BIN / "oom-protect")
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone between the listing and the read
         return False
 
 

@@ -9,6 +9,7 @@ so that every limit of the caller's still holds for the run (issue 13).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -52,19 +53,36 @@ def login(user: str, command: str) -> subprocess.Popen:
     )
 
 
+_pending: dict[int, bytes] = {}  # pid -> output read but not yet split into lines
+
+
 def read_lines(proc: subprocess.Popen, count: int, timeout: float = 120) -> list[str]:
-    """The first ``count`` lines of ``proc``'s output, waiting at most ``timeout``."""
-    lines: list[str] = []
+    """The next ``count`` lines of ``proc``'s output, waiting at most ``timeout``.
+    Read from the fd itself: a buffered readline may hold lines that select()
+    no longer sees."""
+    fd = proc.stdout.fileno()
+    buf = _pending.pop(proc.pid, b"")
     deadline = time.monotonic() + timeout
-    while len(lines) < count:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    while buf.count(b"\n") < count:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
-            raise AssertionError(f"only {lines} from {proc.args} within {timeout} s")
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"{proc.args} ended after {lines} (status {proc.wait()})")
-        lines.append(line.rstrip("\n"))
-    return lines
+            _pending[proc.pid] = buf  # kept for the next call
+            raise AssertionError(f"only {buf!r} from {proc.args} within {timeout} s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise AssertionError(f"{proc.args} ended after {buf!r} (status {proc.wait()})")
+        buf += chunk
+    *lines, rest = buf.split(b"\n", count)
+    _pending[proc.pid] = rest
+    return [line.decode(errors="replace") for line in lines]
+
+
+def rest_of_output(proc: subprocess.Popen) -> str:
+    """Whatever ``proc`` wrote after the lines read_lines returned, to its end."""
+    out = _pending.pop(proc.pid, b"")
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        out += chunk
+    return out.decode(errors="replace")
 
 
 def end(proc: subprocess.Popen) -> None:
@@ -116,8 +134,10 @@ def test_the_callers_memory_limit_holds_for_the_run(daemon, app_user):
         def outcome() -> str | None:
             if memory_events(events)["oom"] > ooms_before:
                 return "the slice's limit stopped the run"
-            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-            line = proc.stdout.readline() if ready else ""
+            try:
+                (line,) = read_lines(proc, 1, timeout=0.1)
+            except AssertionError:
+                return None
             return f"the run escaped the limit: {line.strip()}" if "allocated" in line else None
 
         assert wait_until(outcome, "the hog to hit a limit", timeout=120) == (
@@ -132,3 +152,65 @@ def test_the_callers_memory_limit_holds_for_the_run(daemon, app_user):
 
 def memory_events(path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+
+
+def runs_as_root() -> list[dict]:
+    out = subprocess.run([str(Path(sys.executable).with_name("oomguard")), "runs", "--all", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def test_a_budgeted_run_gets_a_scope_with_memory_max_and_is_ended_at_its_budget(daemon, app_user):
+    """oom-protect --memory-max under systemd: the scope carries MemoryMax=
+    and MemorySwapMax=0; at the budget the daemon ends the run at once."""
+    eat = ("import sys; print(open('/proc/self/cgroup').read().strip(), flush=True); sys.stdin.readline(); "
+           "chunks = [b'x' * (1 << 20) for _ in range(200)]; print('ate 200 MiB', flush=True)")  # fmt: skip
+    proc = login(app_user.name, shlex.join([OOM_PROTECT, "--memory-max", "48M", sys.executable, "-c", eat]))
+    try:
+        (cgroup_line,) = read_lines(proc, 1)
+        m = re.fullmatch(rf"0::/user\.slice/user-{app_user.uid}\.slice/(oomguard-run-(\d+)\.scope)", cgroup_line)
+        assert m, cgroup_line
+        scope, run_id = m[1], int(m[2])
+        assert unit_property(scope, "MemoryMax") == str(48 << 20)
+        assert unit_property(scope, "MemorySwapMax") == "0"
+        assert Path("/sys/fs/cgroup" + cgroup_line[3:], "memory.max").read_text().strip() == str(48 << 20)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+
+        def ended() -> dict | None:
+            return next((r for r in runs_as_root() if r["id"] == run_id and r["ended"]), None)
+
+        run = wait_until(ended, "the budgeted run to be ended", timeout=120)
+        assert run["end_reason"] == "exceeded its 48M budget" and run["memory_max"] == 48 << 20
+        assert "ate 200 MiB" not in rest_of_output(proc)
+        wait_until(lambda: unit_property(scope, "ActiveState") in ("inactive", "failed", ""), "the scope to go")
+    finally:
+        end(proc)
+
+
+def test_kill_run_ends_a_run_by_its_scope(daemon, app_user):
+    """What the healer does at the grace, asked for by root: the run's own
+    scope is killed whole (cgroup.kill), a process that ignores SIGTERM
+    and the children it forked included."""
+    inner = "trap '' TERM; sleep 300 & sleep 301 & echo $$ ready; wait"
+    proc = login(app_user.name, f"{OOM_PROTECT} sh -c {shlex.quote(inner)}")
+    try:
+        (line,) = read_lines(proc, 1)
+        pid = int(line.removesuffix(" ready"))  # oom-protect exec'd the shell: the run's first process
+        run = next(r for r in runs_as_root() if r["ended"] is None and r["pid"] == pid)
+        assert run["cgroup"].endswith(f"/oomguard-run-{run['id']}.scope")
+        r = subprocess.run([str(Path(sys.executable).with_name("oomguard")), "kill-run", str(run["id"])],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert f"run {run['id']}" in r.stdout and "stopped" in r.stdout, r.stdout
+        assert proc.wait(60) is not None
+        healer = subprocess.run([str(Path(sys.executable).with_name("oomguard")), "events", "--kind", "healer",
+                                 "--json"], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        rec = [e["data"] for e in json.loads(healer.stdout) if e["data"].get("run") == run["id"]][-1]
+        assert (rec["action"], rec["method"]) == ("killed", "cgroup.kill"), rec
+        done = wait_until(lambda: next((x for x in runs_as_root() if x["id"] == run["id"] and x["ended"]), None),
+                          "the run to end")  # fmt: skip
+        assert done["end_reason"] == "killed by healer", done
+        assert not Path("/sys/fs/cgroup" + run["cgroup"]).exists()
+    finally:
+        end(proc)

@@ -85,3 +85,36 @@ def test_limits_and_paths(staged):
         cgroups.path("/a/../../etc")
     assert cgroups.unit_of("/system.slice/nginx.service/x") == "nginx.service"
     assert cgroups.unit_of("/") is None and cgroups.unit_of(None) is None
+
+
+def test_a_cgroup_being_removed_reads_as_gone(monkeypatch, tmp_path):
+    """systemd stopping a scope (or a run's end) removes its cgroup while we
+    read it: the kernel answers ENODEV, which means gone, as ENOENT does."""
+    import errno as _errno
+    from pathlib import Path as _Path
+
+    from oomguard.host import cgroups as cg
+
+    def dying(self, *a, **k):
+        raise OSError(_errno.ENODEV, "No such device", str(self))
+
+    monkeypatch.setattr(cg, "ROOT", tmp_path)
+    (tmp_path / "scope").mkdir()
+    monkeypatch.setattr(_Path, "read_text", dying)
+    assert cg.procs("/scope") == [] and cg.procs_recursive("/scope") == []
+    assert cg.read_flat_keyed("/scope", "cgroup.events") == {}
+
+
+def test_other_errors_of_a_cgroup_read_still_raise(monkeypatch, tmp_path):
+    import errno as _errno
+    from pathlib import Path as _Path
+
+    from oomguard.host import cgroups as cg
+
+    def denied(self, *a, **k):
+        raise OSError(_errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(cg, "ROOT", tmp_path)
+    monkeypatch.setattr(_Path, "read_text", denied)
+    with pytest.raises(PermissionError):
+        cg.procs("/scope")

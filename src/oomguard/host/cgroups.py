@@ -66,16 +66,30 @@ def exists(cgroup: str) -> bool:
     return path(cgroup).is_dir()
 
 
+def _gone(e: OSError) -> OSError:
+    """A cgroup being removed (its scope stopped by systemd, its run ended)
+    answers ENODEV to a file opened a moment before: that is "gone" too."""
+    if e.errno == errno.ENODEV:
+        return FileNotFoundError(errno.ENOENT, f"cgroup removed: {e.strerror}", e.filename)
+    return e
+
+
 def _read(cgroup: str, name: str) -> str:
-    return (path(cgroup) / name).read_text()
+    try:
+        return (path(cgroup) / name).read_text()
+    except OSError as e:
+        raise _gone(e) from None
 
 
 def _write(cgroup: str, name: str, value: str) -> None:
-    fd = os.open(path(cgroup) / name, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
+        fd = os.open(path(cgroup) / name, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _gone(e) from None
 
 
 def read_flat_keyed(cgroup: str, name: str) -> dict[str, int]:
