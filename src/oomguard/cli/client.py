@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 # config.broker's default, kept here so a login's `oomguard motd` need not
 # import the config schema; test_cli_options checks that the two agree.
 DEFAULT_SOCKET = "/run/oomguard/protect.sock"
+# The events store's largest page (forensics.eventschema), kept here for the
+# same reason: importing the store would import sqlite3 and the schema.
+MAX_PAGE = 500
 
 
 class DaemonError(Exception):
@@ -58,8 +61,6 @@ def request(op: str, path: str | None = None, timeout: float = 30.0, **fields: A
 def events(path: str | None = None, *, limit: int = 1000, **filters: Any) -> list[dict]:
     """The newest ``limit`` events, oldest first, fetched page by page (the
     daemon sends at most one bounded page per request)."""
-    from oomguard.forensics.events import MAX_PAGE
-
     pages: list[list[dict]] = []
     cursor = None
     got = 0

@@ -9,20 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oomguard import __version__, config
-from oomguard.cli.client import DaemonError, events, request
-from oomguard.cli.render import (
-    ago,
-    describe_event,
-    format_ranking,
-    render_run_report,
-    render_status,
-    table,
-)
+from oomguard.cli import queries
+from oomguard.cli.client import DaemonError, request
+from oomguard.cli.queries import dump_json as _json
+from oomguard.cli.render import ago, describe_event, format_ranking, render_status, table  # noqa: F401 - the tests' names
 from oomguard.cli.terminal import printable
-
-
-def _json(data: object) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def _load(args: argparse.Namespace) -> config.Config:
@@ -65,28 +56,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    if args.id is not None:
-        report = request("runs", _socket(args), id=args.id)["report"]
-        if args.json:
-            _json(report)
-        else:
-            print(render_run_report(report))
-        return 0
-    reply = request("runs", _socket(args), all=args.all)
-    runs = reply["runs"]
-    if args.json:
-        _json(runs)
-        return 0
-    if not runs:
-        print("no protected runs" if not args.all else "no runs recorded")
-        return 0
-    rows = [
-        (r["id"], r["user"], r["pid"], ago(r["started"]), ago(r["ended"]) if r["ended"] else "running",
-         r["exit_status"] if r["exit_status"] is not None else "-", r["cgroup"] or "-", r["command"][:60])
-        for r in runs
-    ]  # fmt: skip
-    print(table(rows, ("RUN", "USER", "PID", "STARTED", "ENDED", "EXIT", "CGROUP", "COMMAND")))
-    return 0
+    return queries.show_runs(_socket(args), args.id, args.all, args.json)
 
 
 def cmd_kill_run(args: argparse.Namespace) -> int:
@@ -96,18 +66,19 @@ def cmd_kill_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from oomguard.forensics import status
-
     try:
         data = request("status", _socket(args))
         data.pop("ok", None)
     except DaemonError as e:
-        data = {**status.collect(_load(args)), "daemon": None, "daemon_error": str(e)}
-    if args.json:
-        _json(data)
-        return 0
-    print(render_status(data))
-    return 0
+        data = status_without_daemon(args.config, e)
+    return queries.show_status(data, args.json)
+
+
+def status_without_daemon(config_path: str | None, error: DaemonError) -> dict:
+    """What `status` shows when the daemon cannot be asked: this host's own scan."""
+    from oomguard.forensics import status
+
+    return {**status.collect(config.load(config_path)), "daemon": None, "daemon_error": str(error)}
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -128,16 +99,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as e:
         raise config.ConfigError(f"--since: {e}") from None
-    kinds = args.kind or None
-    rows = events(_socket(args), since=since, kinds=kinds, limit=args.limit)
-    if args.json:
-        _json(rows)
-        return 0
-    if not rows:
-        print("no events")
-        return 0
-    print(table([(ago(e["ts"]), e["kind"], describe_event(e)) for e in rows], ("TIME", "KIND", "WHAT")))
-    return 0
+    return queries.show_events(_socket(args), since, args.kind or None, args.limit, args.json)
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:

@@ -5,12 +5,14 @@ escape sequence reaches the terminal raw. ``--json`` bypasses this module."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from oomguard.cli.terminal import printable
 
+TYPE_CHECKING = False  # importing typing for it would cost every query 4 ms
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from oomguard.forensics.ranking import Ranking
 
 
