@@ -55,6 +55,9 @@ from oomguard.telemetry.hooks import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)
 
+FAST_TICK = 0.5  # seconds between ticks while something is happening
+CALM_TICK = 5.0  # the longest wait between ticks when all is well (the watchdog wants a tick per minute)
+
 
 class Healer:
     """See the module docstring. Everything the daemon wires is injected:
@@ -83,7 +86,8 @@ class Healer:
         processes: Callable[[], Iterable[procfs.Proc]] = procfs.iter_processes,
         run_command: Callable[..., commands.CommandResult] = commands.run_command,
         background: bool = True,
-        tick_interval: float = 0.5,
+        tick_interval: float = FAST_TICK,
+        calm_interval: float = CALM_TICK,
         kill_timeout: float = 10.0,
         restart_timeout: float = 120.0,
     ):
@@ -98,6 +102,10 @@ class Healer:
         self.app_cgroup = app_cgroup if app_cgroup is not None else "/" + config.layout.app_cgroup
         self.processes = processes
         self.tick_interval = tick_interval
+        self.calm_interval = calm_interval
+        self._wake = threading.Event()  # a probe finished: collect it now
+        if isinstance(self.monitor, health.HealthMonitor):
+            self.monitor.on_finished = self._wake.set
         self.kill_timeout = kill_timeout
         self.uid_range = login_uid_range()
         self.protect = config.protect  # who may ask: whose loose -1000 processes are ours to end
@@ -165,13 +173,41 @@ class Healer:
         )  # fmt: skip
         try:
             while not stop.is_set():
+                self._wake.clear()
+                delay = self.tick_interval
                 try:
                     self.tick()
+                    delay = self.next_tick(self.clock.boottime())
                 except Exception:  # noqa: BLE001 - the loop must survive a bad tick
                     log.exception("healer tick failed")
-                stop.wait(self.tick_interval)
+                # One wait for either event: the stop wakes this wait too.
+                if not stop.is_set():
+                    self._wake.wait(delay)
         finally:
             self.close()
+
+    def stop_waiting(self) -> None:
+        """End the current wait between ticks at once (the daemon's stop)."""
+        self._wake.set()
+
+    def next_tick(self, now: float) -> float:
+        """Seconds from ``now`` to the next tick. ``tick_interval`` during an
+        incident (down, acting, verifying), while a check is failing, and
+        while the app cgroup sees OOM activity (a storm, a livelock, a kill
+        or oom counted in its last seconds); otherwise the wait until the
+        next probe is due, at most ``calm_interval``: an idle healer wakes
+        a few times a minute, not twice a second."""
+        with self._lock:
+            storm = self.storm
+            busy = (
+                (self.cfg.enabled and self.incident is not None)
+                or storm.storm_active or storm.livelock_active or storm.kill_rate > 0 or storm.oom_rate > 0
+            )  # fmt: skip
+            calm_until = getattr(self.monitor, "calm_until", None)
+            until = calm_until() if calm_until is not None else None  # a scripted monitor: keep close watch
+        if busy or until is None:
+            return self.tick_interval
+        return min(self.calm_interval, max(self.tick_interval / 10, until - now))
 
     def close(self) -> None:
         """Abort running probes (their commands are killed) and close pidfds."""
@@ -342,6 +378,7 @@ class Healer:
                 "loop": {
                     "ticks": self.ticks,
                     "interval": self.tick_interval,
+                    "calm_interval": self.calm_interval,
                     "last_tick_seconds": self.last_tick_duration,
                     "max_tick_seconds": self.max_tick_duration,
                 },

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -102,6 +102,9 @@ class HealthMonitor:
         self.max_hung = max_hung
         self._lock = threading.Lock()
         self.states: dict[str, CheckState] = {c.name: CheckState(c) for c in self.checks}
+        # Called from a probe's thread when it finishes (the healer's wake-up),
+        # so the result is collected now rather than at the next tick.
+        self.on_finished: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ driving
 
@@ -146,6 +149,7 @@ class HealthMonitor:
 
         def work() -> None:
             fl.result.append(self._safe_probe(cs.check, cancel))
+            self.on_finished()
 
         fl.thread = threading.Thread(target=work, name=f"probe-{cs.check.name}", daemon=True)
         cs.in_flight = fl
@@ -199,6 +203,16 @@ class HealthMonitor:
                 cs.next_due = 0.0
 
     # ------------------------------------------------------------ queries
+
+    def calm_until(self) -> float | None:
+        """When poll() next has work if all is well: the earliest probe due
+        or in-flight deadline (inf without checks). None while a check is
+        failing, so that the caller keeps a close watch."""
+        with self._lock:
+            if any(cs.failures or cs.last_ok is False for cs in self.states.values()):
+                return None
+            times = [cs.in_flight.deadline if cs.in_flight is not None else cs.next_due for cs in self.states.values()]
+        return min(times, default=float("inf"))
 
     def down(self) -> bool:
         """Some check has failed its threshold number of times in a row."""
