@@ -33,12 +33,13 @@ from oomguard.healer.budget import BudgetWatch
 from oomguard.healer.tty import tell_tty
 from oomguard.host import cgroups, journal, procevents, procfs, statefile
 from oomguard.host.sdnotify import Notifier as SystemdNotifier
+from oomguard.host.wakeup import StopEvent
 from oomguard.notify.dispatch import Notifier
 from oomguard.policy import rules as policy
 from oomguard.policy.enforcer import Enforcer
 from oomguard.prefs.settings import UserSettings
 from oomguard.runs.adoption import Adoption
-from oomguard.runs.lifecycle import RunLifecycle
+from oomguard.runs.lifecycle import RunLifecycle, owns_cgroup
 from oomguard.runs.registry import RunRegistry
 from oomguard.runs.run import Run
 from oomguard.runs.views import run_view
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 events_log = logging.getLogger("oomguard.events")  # one line per stored event
 
 READY_WAIT = 60.0  # the first policy pass over a very busy box
+REAP_EVERY = 0.5  # seconds between reaper passes while runs exist
+REAP_IDLE = 60.0  # with none: forgetting old ended runs can wait
 
 
 def setup_logging(level: str) -> None:
@@ -85,7 +88,7 @@ class Daemon:
     def __init__(self, cfg: config.Config, config_path: str | None = None):
         self.cfg = cfg
         self.config_path = config_path
-        self.stop = threading.Event()
+        self.stop = StopEvent()  # loops that block on fds wake on it too
         state_dir = Path(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         for name in statefile.remove_stale_temps(state_dir):  # a write cut short by SIGKILL
@@ -129,6 +132,9 @@ class Daemon:
         self.metrics_server: metrics.MetricsServer | None = None
         self.events_mode = "starting"
         self._peaks: dict[int, int] = {}  # run id -> largest RSS sum sampled
+        self._has_peak: dict[int, bool] = {}  # run id -> its own cgroup keeps memory.peak
+        self._runs_changed = threading.Event()  # a grant: the reaper watches closely again
+        self.metrics.before_scrape(self._sample_gauges)  # read when scraped, not on a timer
 
     # ------------------------------------------------------------ events
 
@@ -153,6 +159,7 @@ class Daemon:
         self.store.add(kind, data, uids=list(uids))
 
     def on_grant(self, run: Run) -> None:
+        self._runs_changed.set()
         self.metrics.grant()
         self.emit("grant", run_view(run), [run.uid])
 
@@ -179,6 +186,7 @@ class Daemon:
 
     def on_run_end(self, run: Run) -> None:
         sampled = self._peaks.pop(run.id, None)
+        self._has_peak.pop(run.id, None)
         if run.peak_memory is None and sampled:
             run = self.registry.update(run.id, peak_memory=sampled) or run
         log.info(
@@ -233,30 +241,39 @@ class Daemon:
         self.threads.append(t)
 
     def _reaper(self) -> None:
-        while not self.stop.wait(0.5):
+        # Every REAP_EVERY while runs exist; with none, only a grant (or the
+        # stop) wakes it, or REAP_IDLE for the registry's upkeep.
+        while not self.stop.is_set():
+            self._runs_changed.wait(REAP_EVERY if self.registry.active() else REAP_IDLE)
+            self._runs_changed.clear()
             for run in self.lifecycle.reap():
                 self.on_run_end(run)
-            self._sample()
+            self._sample_peaks()
             self.registry.flush()  # the batched changes; a full disk is logged and retried
         self.registry.flush()
 
-    def _sample(self) -> None:
+    def _sample_peaks(self) -> None:
+        """The largest RSS sum seen, for runs whose peak the kernel does not
+        keep: memory.peak needs the memory controller in the run's own
+        cgroup, which a cgroup that also holds processes cannot delegate."""
+        for run in self.registry.active():
+            if run.id not in self._has_peak:
+                self._has_peak[run.id] = owns_cgroup(run) and cgroups.memory_peak(run.cgroup or "") is not None
+            if self._has_peak[run.id]:
+                continue
+            rss = sum(procfs.rss_bytes(pid) for pid in self.registry.pids(run))
+            if rss > self._peaks.get(run.id, 0):
+                self._peaks[run.id] = rss
+
+    def _sample_gauges(self) -> None:
+        """The gauges a scrape (or the textfile) reads: app memory, pressure,
+        protected processes."""
         app = status.app_slice(self.cfg)
         self.metrics.set_app_memory(app.get("current"), app.get("max"))
         psi = status.pressure_summary(procfs.pressure("memory"))
         if psi:
             self.metrics.set_psi(psi["some_avg10"], psi["full_avg10"])
-        protected = 0
-        for run in self.registry.active():
-            pids = self.registry.pids(run)
-            protected += len(pids)
-            # memory.peak needs the memory controller in the run's own cgroup,
-            # which a cgroup that also holds processes cannot delegate; failing
-            # that, the largest RSS sum seen here stands in for the peak.
-            rss = sum(procfs.rss_bytes(pid) for pid in pids)
-            if rss > self._peaks.get(run.id, 0):
-                self._peaks[run.id] = rss
-        self.metrics.set_protected(protected)
+        self.metrics.set_protected(sum(len(self.registry.pids(run)) for run in self.registry.active()))
 
     def _events(self) -> None:
         pe = procevents.ProcEvents()
@@ -330,6 +347,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.systemd.stopping()
+        self._runs_changed.set()  # the reaper's and the healer's waits end now
+        self.healer.stop_waiting()
         if self.textfile is not None:
             self.textfile.wake()  # its wait ends now, not after the interval
         for t in self.threads:
@@ -343,7 +362,9 @@ class Daemon:
         self.store.close()
 
     def wait(self) -> None:
-        while not self.stop.wait(0.5):
+        # The signal handlers run in this thread and set the event; the long
+        # timeout only covers a signal the kernel gave another thread.
+        while not self.stop.wait(30.0):
             pass
         self.shutdown()
 

@@ -44,6 +44,7 @@ from oomguard.broker.protocol import (
 from oomguard.broker.workers import WorkerPool
 from oomguard.config import Config
 from oomguard.config.broker import MIN_MEMORY_MAX
+from oomguard.host.wakeup import stop_fd
 from oomguard.runs.run import BUDGET, Run
 from oomguard.telemetry.reasons import RefusalReason
 
@@ -54,6 +55,8 @@ Handler = Callable[[Peer, dict], dict | bytes]
 INLINE = frozenset({"protect", "ping"})
 SWITCH_INTERVAL = 0.001  # seconds; see serve
 _WAKE = object()  # the selector key of the wake-up pipe
+_STOP = object()  # the stop event's, when it has one: the loop then looks at the event
+STOP_CHECK = 0.2  # the longest wait while connections are open, or the stop cannot wake the selector
 
 
 @dataclass
@@ -153,12 +156,26 @@ class Broker:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         if self.sock is None:
             self.bind()
+        wake = stop_fd(stop)
+        if wake is not None:
+            self._sel.register(wake, selectors.EVENT_READ, _STOP)
         self.ready.set()
         try:
             while not stop.is_set():
-                self.step(0.2)
+                self.step(self.idle_timeout(wake is not None))
         finally:
+            if wake is not None:
+                self._sel.unregister(wake)
             self.close()
+
+    def idle_timeout(self, stop_wakes: bool) -> float | None:
+        """How long one step may wait: until the nearest connection's
+        deadline; with no connection, until a new one (or the stop) comes
+        when the stop can wake the selector, else STOP_CHECK."""
+        if not self._conns:
+            return None if stop_wakes else STOP_CHECK
+        left = min(c.deadline for c in self._conns.values()) - time.monotonic()
+        return min(STOP_CHECK, max(0.0, left))
 
     def step(self, timeout: float) -> None:
         for key, mask in self._sel.select(timeout):
@@ -167,6 +184,8 @@ class Broker:
                 continue
             if key.data is _WAKE:
                 self._drain_wake()
+                continue
+            if key.data is _STOP:
                 continue
             conn: _Conn = key.data
             try:

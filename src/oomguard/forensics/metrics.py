@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import selectors
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -132,6 +134,8 @@ class Metrics:
     def __init__(self, top_comms: int = 20):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._before_scrape = _BeforeScrape()
+        r.register(self._before_scrape)  # first: it runs before any gauge is read
         self._kills = _OomKills(max(1, top_comms))
         r.register(self._kills)
         self._info = Gauge("oomguard_info", "oomguard's version.", ["version"], registry=r)
@@ -266,6 +270,12 @@ class Metrics:
     def set_livelock(self, flag: bool) -> None:
         self._livelock.set(1 if flag else 0)
 
+    def before_scrape(self, sample: Callable[[], None]) -> None:
+        """Call ``sample`` (which sets gauges) at the start of every scrape
+        and textfile write: figures only a reader wants are read when one
+        asks, not on a timer."""
+        self._before_scrape.sample = sample
+
     def set_app_memory(self, current: int | None, limit: int | None) -> None:
         self._app_current.set(math.nan if current is None else float(current))
         self._app_limit.set(math.nan if limit is None else float(limit))
@@ -293,8 +303,28 @@ class Metrics:
         return MetricsServer(self.registry, host, port)
 
 
+class _BeforeScrape(Collector):
+    """Exports nothing; runs the sampler each time the registry is collected."""
+
+    def __init__(self) -> None:
+        self.sample: Callable[[], None] | None = None
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator:
+        if self.sample is not None:
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - a scrape must still answer
+                log.exception("metrics: sampling before a scrape failed")
+        return iter(())
+
+
 class MetricsServer:
-    """A small threaded HTTP server for one registry; ``close`` stops it."""
+    """A small threaded HTTP server for one registry; ``close`` stops it.
+    Its loop blocks on the listening socket and a stop pipe alone:
+    ``serve_forever`` would wake every 0.5 s to look for a shutdown."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
         handler = MetricsHandler.factory(registry)
@@ -306,19 +336,30 @@ class MetricsServer:
 
         self._server = _Server((host, port), handler)
         self.address: tuple[Any, ...] = self._server.server_address
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
-        )
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._server, selectors.EVENT_READ)
+            sel.register(self._stop_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj == self._stop_r:
+                        return
+                    self._server.handle_request()  # ready: accepts at once, a thread per request
 
     @property
     def port(self) -> int:
         return int(self.address[1])
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        os.write(self._stop_w, b"\0")
         self._thread.join(5)
+        self._server.server_close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
 
 
 class TextfileWriter:

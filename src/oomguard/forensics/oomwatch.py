@@ -78,9 +78,14 @@ class OomWatcher:
     def on_record(self, rec: kmsg.KmsgRecord) -> None:
         self.handle(self.parser.feed(rec), rec.seq)
 
-    def on_idle(self) -> None:
+    def on_idle(self) -> bool:
+        """The ring is drained: flush a report cut short. True while a report
+        is open or a livelock is active, which need another look soon even
+        if no record comes."""
         self.handle(self.parser.expire(kmsg.now_usec()), self.follower.last_seq)
-        self.hooks.set_livelock(self.livelocks.active(time.monotonic()))
+        livelock = self.livelocks.active(time.monotonic())
+        self.hooks.set_livelock(livelock)
+        return self.parser.pending or livelock
 
     def handle(self, events: list, seq: int | None) -> None:
         for ev in events:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from oomguard.host import procfs
+from oomguard.host.wakeup import stop_fd
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class KmsgFollower:
     Records lost to ring overruns (EPIPE on read) or that fell out of the
     ring while nobody was reading are counted in ``lost`` and reported to
     ``on_lost``. ``on_idle`` is called whenever the ring is drained (a good
-    moment for ``OomParser.expire``). An exception from ``on_record`` is
+    moment for ``OomParser.expire``); when it returns True it is called
+    again within ``poll_interval``, otherwise, with a ``StopEvent`` as the
+    stop (host/wakeup.py), the follower sleeps until a record comes. An exception from ``on_record`` is
     logged and the next record follows; ``run`` raises only if the device
     cannot be opened or read."""
 
@@ -118,7 +121,7 @@ class KmsgFollower:
         *,
         current_boot_id: str | None = None,
         on_lost: Callable[[int], None] | None = None,
-        on_idle: Callable[[], None] | None = None,
+        on_idle: Callable[[], bool | None] | None = None,
         poll_interval: float = 0.25,
     ):
         self.path = path
@@ -174,6 +177,10 @@ class KmsgFollower:
     def _loop(self, fd: int, stop: threading.Event) -> None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
+        wake = stop_fd(stop)
+        if wake is not None:
+            poller.register(wake, select.POLLIN)
+        interval_ms = int(self.poll_interval * 1000)
         expected: int | None = None  # seq we should see next, once we know
         overrun = False
         while not stop.is_set():
@@ -181,9 +188,9 @@ class KmsgFollower:
                 raw = self._read(fd)
             except BlockingIOError:
                 self.caught_up.set()
-                if self.on_idle is not None:
-                    self.on_idle()
-                poller.poll(int(self.poll_interval * 1000))
+                again = self.on_idle() if self.on_idle is not None else False
+                # Nothing pending: sleep until a record (or the stop) comes.
+                poller.poll(interval_ms if again or wake is None else None)
                 continue
             except InterruptedError:
                 continue

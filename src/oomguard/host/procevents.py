@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from oomguard.host.wakeup import stop_fd
+
 log = logging.getLogger(__name__)
 
 NETLINK_CONNECTOR = 11
@@ -133,11 +135,17 @@ class ProcEvents:
                 except Exception:  # noqa: BLE001 - one bad event must not end the stream
                     log.exception("process event handler failed on %r", ev)
 
+        wake = stop_fd(stop)
+        # Idle, it blocks on the socket and the stop event alone; a plain
+        # Event (tests) is looked at every IDLE_WAIT instead.
+        idle_wait = IDLE_WAIT if wake is None else None
+        watched = [self.sock] if wake is None else [self.sock, wake]
         try:
             while not stop.is_set():
-                timeout = IDLE_WAIT if losses.due is None else DRAIN_WAIT
-                if not select.select([self.sock], [], [], timeout)[0]:
-                    if losses.drained(time.monotonic()):
+                timeout = idle_wait if losses.due is None else DRAIN_WAIT
+                ready = select.select(watched, [], [], timeout)[0]
+                if self.sock not in ready:
+                    if not ready and losses.drained(time.monotonic()):
                         deliver([("lost",)])
                     continue
                 try:
