@@ -14,8 +14,14 @@ alike; after a warm-up each is sampled over the same window:
 
 With --procs the box first gets that many sleeping processes (default: 0,
 then 1000, 5000, 10000: cost should stay flat in the process count).
+With --threads, oomguard's threads are named for the kernel (a
+sitecustomize on its PYTHONPATH sets each Python thread's name as its comm)
+and its wake-ups and CPU are also listed per thread, to say where they go
+(that sitecustomize imports ctypes: read RSS from a run without --threads).
+Another load on the box (other tests forking) shows up in oomguard's
+procevents and policy threads: --forks prints the box's fork rate beside.
 
-    python3 bench/bench_idle.py [--seconds 60] [--procs 0,1000,5000,10000]
+    python3 bench/bench_idle.py [--seconds 60] [--procs 0,1000,5000,10000] [--threads]
 
 Needs root, and earlyoom and nohang installed (apt install earlyoom nohang,
 with a policy-rc.d that keeps them from starting as services).
@@ -84,6 +90,41 @@ class Page(http.server.BaseHTTPRequestHandler):
         pass
 
 
+NAME_THREADS = """\
+import ctypes, threading
+_prctl = ctypes.CDLL(None).prctl
+_inner = threading.Thread._bootstrap_inner
+def _named(self):
+    _prctl(15, self.name[:15].encode(), 0, 0, 0)  # PR_SET_NAME
+    return _inner(self)
+threading.Thread._bootstrap_inner = _named
+"""
+
+
+def per_thread(pid: int) -> dict[str, tuple[int, int]]:
+    """comm -> (context switches, CPU ticks), summed over threads of that name."""
+    out: dict[str, tuple[int, int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        sw = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+        fields = stat[stat.rindex(")") + 2 :].split()
+        old = out.get(comm, (0, 0))
+        out[comm] = (old[0] + sw, old[1] + int(fields[11]) + int(fields[12]))
+    return out
+
+
+def forks() -> int:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("processes "):
+            return int(line.split()[1])
+    return 0
+
+
 def sample(pid: int) -> tuple[float, int]:
     """(CPU seconds, context switches) of all threads of ``pid``."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -142,13 +183,21 @@ def measure(subjects: dict[str, subprocess.Popen], warmup: float, seconds: float
             raise SystemExit(f"{name} exited during the warm-up (status {proc.returncode})")
     t0 = time.monotonic()
     first = {n: sample(p.pid) for n, p in subjects.items()}
+    threads0, forks0 = per_thread(subjects["oomguard"].pid), forks()
     mem: dict[str, list[tuple[float, float]]] = {n: [] for n in subjects}
     while time.monotonic() - t0 < seconds:
         for n, p in subjects.items():
             mem[n].append(memory(p.pid))
         time.sleep(min(5.0, seconds / 4))
     elapsed = time.monotonic() - t0
-    out = {}
+    threads1 = per_thread(subjects["oomguard"].pid)
+    out: dict[str, dict] = {
+        "_threads": {
+            comm: ((sw - threads0.get(comm, (0, 0))[0]) / elapsed, (cpu - threads0.get(comm, (0, 0))[1]) / TICK / elapsed * 60)
+            for comm, (sw, cpu) in threads1.items()
+        },
+        "_forks": {"per_second": (forks() - forks0) / elapsed},
+    }
     for n, p in subjects.items():
         cpu, sw = sample(p.pid)
         out[n] = {
@@ -160,8 +209,10 @@ def measure(subjects: dict[str, subprocess.Popen], warmup: float, seconds: float
     return out
 
 
-def report(procs: int, r: dict[str, dict]) -> None:
-    print(f"\n{procs} extra sleeping processes")
+def report(procs: int, r: dict[str, dict], threads: bool) -> None:
+    per_thread_figures = r.pop("_threads")
+    box_forks = r.pop("_forks")["per_second"]
+    print(f"\n{procs} extra sleeping processes (the box forked {box_forks:.0f} times a second meanwhile)")
     print(f"{'':10} {'RSS MiB':>8} {'PSS MiB':>8} {'CPU s/min':>10} {'wakeups/s':>10}")
     for n, v in r.items():
         print(f"{n:10} {v['rss']:8.1f} {v['pss']:8.1f} {v['cpu_per_min']:10.3f} {v['wakeups']:10.1f}")
@@ -174,6 +225,10 @@ def report(procs: int, r: dict[str, dict]) -> None:
 
         print(f"oomguard / {peer}: RSS {ratio('rss')}, PSS {ratio('pss')}, "
               f"CPU {ratio('cpu_per_min')}, wakeups {ratio('wakeups')}")  # fmt: skip
+    if threads:
+        print(f"oomguard by thread {'wakeups/s':>14} {'CPU s/min':>10}")
+        for comm, (sw, cpu) in sorted(per_thread_figures.items(), key=lambda kv: -kv[1][0]):
+            print(f"  {comm:<16} {sw:16.1f} {cpu:10.3f}")
 
 
 def main() -> int:
@@ -181,6 +236,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--warmup", type=float, default=15.0)
     ap.add_argument("--procs", default="0,1000,5000,10000")
+    ap.add_argument("--threads", action="store_true", help="also list oomguard's wake-ups and CPU per thread")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_idle: run as root")
@@ -193,16 +249,21 @@ def main() -> int:
         base = Path(d)
         cfg = oomguard_config(base, page.server_port, free_port())
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        og_env = dict(os.environ)
+        if args.threads:
+            (base / "site").mkdir()
+            (base / "site" / "sitecustomize.py").write_text(NAME_THREADS)
+            og_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(base / "site"), og_env.get("PYTHONPATH")) if p)
         for n in [int(x) for x in args.procs.split(",") if x.strip()]:
             crowd = sleepers(n)
             subjects = {}
             try:
                 subjects = {
-                    "oomguard": subprocess.Popen([str(BIN / "oomguard"), "--config", str(cfg), "daemon"], **quiet),
+                    "oomguard": subprocess.Popen([str(BIN / "oomguard"), "--config", str(cfg), "daemon"], env=og_env, **quiet),
                     "earlyoom": subprocess.Popen(["earlyoom", "-r", "3600"], **quiet),
                     "nohang": subprocess.Popen(["nohang", "--monitor", "--config", "/etc/nohang/nohang.conf"], **quiet),
                 }
-                report(n, measure(subjects, args.warmup, args.seconds))
+                report(n, measure(subjects, args.warmup, args.seconds), args.threads)
             finally:
                 for p in subjects.values():
                     stop(p)

@@ -219,11 +219,25 @@ def test_no_daemon_both_ways(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.setenv("OOMGUARD_SOCKET", str(tmp_path / "none.sock"))
     (tmp_path / "c.toml").write_text("")
     got_fast, got_full = both_ways(["--config", str(tmp_path / "c.toml"), *argv], capsys)
+    if argv[0] == "status":  # this host's own scan: memory moves between the two
+        got_fast, got_full = (tuple(unmoving(x) for x in got) for got in (got_fast, got_full))
     assert got_fast == got_full
     if argv[0] == "status":
-        assert got_fast[0] == 0 and ("not reachable" in got_fast[1] or '"daemon": null' in got_fast[1])
+        out = got_fast[1]
+        assert got_fast[0] == 0
+        assert out["daemon"] is None if isinstance(out, dict) else any("not reachable" in line for line in out)
     else:
         assert got_fast[0] == 1 and "daemon is not running" in got_fast[2]
+
+
+def unmoving(out: object) -> object:
+    """Status output without the figures that change from one scan to the next."""
+    if not isinstance(out, str) or not out:
+        return out
+    if out.startswith("{"):
+        data = json.loads(out)
+        return {k: v for k, v in data.items() if k not in ("memory", "pressure")}
+    return [line for line in out.splitlines() if not line.startswith(("memory", "pressure"))]
 
 
 def test_status_without_daemon_and_a_bad_config_both_ways(tmp_path, monkeypatch, capsys):

@@ -142,7 +142,10 @@ def ask(path: str, line: bytes) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(path)
-        s.sendall(line)
+        try:
+            s.sendall(line)
+        except BrokenPipeError:
+            pass  # refused (busy) and closed before it read the line: the refusal is waiting
         return json.loads(s.makefile("rb").readline())
 
 
