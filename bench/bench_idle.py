@@ -5,8 +5,9 @@ Each runs by hand with its Debian default configuration (earlyoom -r 3600, as
 its unit), never as a service. oomguard runs with every feature on: the
 broker's socket, the policy enforcer on process events, the healer with an
 HTTP check of a loopback page, the kernel log watch, the event store and the
-metrics server. All three run at once, so the machine's noise hits them
-alike; after a warm-up each is sampled over the same window:
+metrics server (--lean: no exporter, a TCP check). All three run at once,
+so the machine's noise hits them alike; after a warm-up each is sampled
+over the same window:
 
 - RSS and PSS (/proc/PID/smaps_rollup),
 - CPU seconds per minute (utime + stime of all threads),
@@ -55,8 +56,10 @@ def free_port() -> int:
     return port
 
 
-def oomguard_config(base: Path, page_port: int, metrics_port: int) -> Path:
+def oomguard_config(base: Path, page_port: int, metrics_port: int, lean: bool = False) -> Path:
     cfg = base / "oomguard.toml"
+    listen = "" if lean else f"127.0.0.1:{metrics_port}"
+    check = f'tcp = "127.0.0.1:{page_port}"' if lean else f'http = "http://127.0.0.1:{page_port}/"'
     cfg.write_text(
         f"""
 [daemon]
@@ -66,12 +69,12 @@ socket = "{base / "protect.sock"}"
 [events]
 db = "{base / "state" / "events.db"}"
 [metrics]
-listen = "127.0.0.1:{metrics_port}"
+listen = "{listen}"
 [healer]
 window = []
 [[healer.check]]
 name = "shop"
-http = "http://127.0.0.1:{page_port}/"
+{check}
 interval = "5s"
 timeout = "2s"
 """
@@ -237,6 +240,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=15.0)
     ap.add_argument("--procs", default="0,1000,5000,10000")
     ap.add_argument("--threads", action="store_true", help="also list oomguard's wake-ups and CPU per thread")
+    ap.add_argument("--lean", action="store_true",
+                    help="oomguard without the metrics exporter and with a TCP check instead of HTTP "
+                         "(neither prometheus_client nor http.client and its ssl is imported)")  # fmt: skip
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_idle: run as root")
@@ -247,7 +253,7 @@ def main() -> int:
     threading.Thread(target=page.serve_forever, daemon=True).start()
     with tempfile.TemporaryDirectory(prefix="oomguard-bench-idle-") as d:
         base = Path(d)
-        cfg = oomguard_config(base, page.server_port, free_port())
+        cfg = oomguard_config(base, page.server_port, free_port(), args.lean)
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         og_env = dict(os.environ)
         if args.threads:

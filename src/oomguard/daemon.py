@@ -21,11 +21,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oomguard import config
 from oomguard.broker import Broker, Granter, Peer
-from oomguard.forensics import events, metrics, oomwatch, runreport, status
+from oomguard.forensics import events, oomwatch, runreport, status
 from oomguard.forensics.eventreader import EventReader
 from oomguard.forensics.eventwriter import EventWriter
 from oomguard.healer import healer
@@ -44,8 +44,12 @@ from oomguard.runs.registry import RunRegistry
 from oomguard.runs.run import Run
 from oomguard.runs.views import run_view
 from oomguard.socketops import SocketOps
+from oomguard.telemetry.hooks import Unexported
 from oomguard.telemetry.liveness import Liveness, TickWatch
 from oomguard.telemetry.reasons import RefusalReason
+
+if TYPE_CHECKING:
+    from oomguard.forensics import metrics
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("oomguard.events")  # one line per stored event
@@ -106,9 +110,13 @@ class Daemon:
         self.systemd = SystemdNotifier()
         self.liveness = Liveness(self.systemd, watch_ticks=cfg.healer.enabled)
         self.policy_applied = threading.Event()  # READY=1 waits for it
-        self.metrics = metrics.Metrics(cfg.metrics.top_comms)
+        self.metrics: metrics.Metrics | Unexported = Unexported()
+        if cfg.metrics.listen or cfg.metrics.textfile:
+            from oomguard.forensics import metrics  # prometheus_client: only when something exports
+
+            self.metrics = metrics.Metrics(cfg.metrics.top_comms)
         self.settings = UserSettings(state_dir / "settings.json", frozenset(cfg.protect.user_settings))
-        self.textfile = metrics.TextfileWriter.attach(self.metrics, cfg.metrics) if cfg.metrics.textfile else None
+        self.textfile = metrics.TextfileWriter.attach(self.metrics, cfg.metrics) if cfg.metrics.textfile else None  # type: ignore[arg-type]
         self.granter = Granter(cfg.protect, self.registry, self.on_grant, self.on_refusal)
         self.ops = SocketOps(self)
         self.broker = Broker(cfg, self.granter, self.ops.handlers())  # queries run in its pool
@@ -319,7 +327,7 @@ class Daemon:
         if self.cfg.healer.enabled:
             self._thread("healer", self.healer.run, self.stop)
         if self.cfg.metrics.listen:
-            self.metrics_server = self.metrics.serve(self.cfg.metrics.listen)
+            self.metrics_server = self.metrics.serve(self.cfg.metrics.listen)  # type: ignore[union-attr]
         if self.textfile is not None:
             self._thread("textfile", self.textfile.run, self.stop)
         self._thread("watchdog", self.liveness.run, self.stop)

@@ -146,3 +146,25 @@ def test_peaks_are_sampled_only_for_runs_whose_cgroup_keeps_none(monkeypatch):
     assert sorted(read_peak) == ["/app/oomguard-run-1", "/app/oomguard-run-2"]  # once per run, not per pass
     fake.registry = SimpleNamespace(active=lambda: [], pids=lambda r: pytest.fail("no run, no sampling"))
     daemon.Daemon._sample_peaks(fake)  # type: ignore[arg-type]
+
+
+def test_without_an_exporter_the_daemon_never_imports_prometheus_client(tmp_path):
+    """RSS: prometheus_client and the ssl it imports are about 8 MiB."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "oomguard.toml"
+    cfg.write_text(f"""
+[daemon]
+state_dir = "{tmp_path / "state"}"
+[protect]
+socket = "{tmp_path / "s.sock"}"
+[events]
+db = "{tmp_path / "events.db"}"
+[metrics]
+listen = ""
+""")
+    code = (f"import sys; from oomguard import config, daemon; d = daemon.Daemon(config.load({str(cfg)!r})); "
+            "d._sample_gauges(); d.shutdown(); print(sorted(m for m in sys.modules if m.startswith(('prometheus', 'ssl'))))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]"

@@ -108,7 +108,7 @@ request_timeout = "60s"
 db = "{tmp_path / 'events.db'}"
 kmsg = "{tmp_path / 'no-kmsg'}"
 [metrics]
-listen = ""
+listen = "127.0.0.1:9464"  # exported (the fixture serves it itself, on a free port)
 [policy]
 enforce = false
 """

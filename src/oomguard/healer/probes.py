@@ -16,9 +16,6 @@ from collections.abc import Callable, Sequence
 from oomguard.config import Check
 from oomguard.healer.commands import run_command
 from oomguard.healer.probe_base import Cancel, ProbeResult
-from oomguard.healer.probe_http import probe_http
-from oomguard.healer.probe_mysql import probe_mysql
-from oomguard.healer.probe_tcp import probe_tcp
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +35,20 @@ def probe_command(argv: Sequence[str], timeout: float, cancel: Cancel | None = N
 
 def probe(check: Check, cancel: Cancel | None = None) -> ProbeResult:
     """Run one check once; never raises."""
+    # Each kind is imported on its first probe: http.client brings ssl (about
+    # 4 MiB of the daemon's RSS), which a host without HTTP checks never needs.
     try:
         if check.kind == "http":
+            from oomguard.healer.probe_http import probe_http
+
             return probe_http(check.target, check.timeout, check.expect_status, cancel)
         if check.kind == "tcp":
+            from oomguard.healer.probe_tcp import probe_tcp
+
             return probe_tcp(check.target, check.timeout, cancel)
         if check.kind == "mysql":
+            from oomguard.healer.probe_mysql import probe_mysql
+
             return probe_mysql(check.target, check.timeout, cancel)
         if check.kind == "command":
             return probe_command(shlex.split(check.target), check.timeout, cancel)
