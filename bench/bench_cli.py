@@ -10,7 +10,11 @@ which leaves [protect] socket commented out) given with --config and the
 stub at the default socket path, /run/oomguard/protect.sock, when that path
 is free (root); otherwise through OOMGUARD_SOCKET.
 
-    python3 bench/bench_cli.py [-n 30] [--python /usr/bin/python3]
+With --compare SRC each command also runs with PYTHONPATH=SRC (e.g. an
+exported older tree, `git archive REV src | tar -x -C /tmp/old`),
+interleaved with the rest, and its column is printed beside.
+
+    python3 bench/bench_cli.py [-n 30] [--python /usr/bin/python3] [--compare SRC]
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def serve(path: Path) -> socket.socket:
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
+    """Wall time of one whole command, from fork to exit."""
     t0 = time.perf_counter()
     subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - t0
@@ -93,6 +98,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=30, help="runs of each command (default 30)")
     ap.add_argument("--python", default="/usr/bin/python3", help="the bare interpreter of the reference")
     ap.add_argument("--oomguard", default=str(BIN / "oomguard"), help="the console script to time")
+    ap.add_argument("--compare", metavar="SRC", help="also time each command with PYTHONPATH=SRC")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k != "OOMGUARD_SOCKET"}
     with tempfile.TemporaryDirectory(prefix="oomguard-bench-cli-") as d:
@@ -119,15 +125,21 @@ def main() -> int:
             "motd": [args.oomguard, "motd"],
         }
         ref_argv = [args.python, "-I", "-c", "pass"]
+        old_env = dict(env, PYTHONPATH=args.compare) if args.compare else None
         try:
             for argv in [ref_argv, *commands.values()]:  # warm the page cache; fail early
                 timed(argv, env)
+                if old_env is not None:
+                    timed(argv, old_env)
             ref: list[float] = []
             times: dict[str, list[float]] = {name: [] for name in commands}
+            old: dict[str, list[float]] = {name: [] for name in commands}
             for _ in range(args.n):  # interleaved: drifts in the machine's load hit all alike
                 ref.append(timed(ref_argv, env))
                 for name, argv in commands.items():
                     times[name].append(timed(argv, env))
+                    if old_env is not None:
+                        old[name].append(timed(argv, old_env))
         finally:
             srv.close()
             sock_path.unlink(missing_ok=True)
@@ -135,11 +147,16 @@ def main() -> int:
                 DEFAULT_SOCKET.parent.rmdir()
     base = statistics.median(ref)
     print(f"{args.n} runs each, medians; socket: {how}")
-    print(f"{'command':<24} {'median ms':>10} {'ratio':>7}   (goal <= 2.0x)")
+    extra = f" {'compared ms':>12} {'ratio':>7} {'speed-up':>9}" if args.compare else ""
+    print(f"{'command':<24} {'median ms':>10} {'ratio':>7}{extra}   (goal <= 2.0x)")
     print(f"{'python3 -I -c pass':<24} {base * 1000:10.1f} {1.0:6.2f}x")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"{'oomguard ' + name:<24} {m * 1000:10.1f} {m / base:6.2f}x")
+        line = f"{'oomguard ' + name:<24} {m * 1000:10.1f} {m / base:6.2f}x"
+        if args.compare:
+            o = statistics.median(old[name])
+            line += f" {o * 1000:12.1f} {o / base:6.2f}x {o / m:8.2f}x"
+        print(line)
     return 0
 
 
