@@ -261,3 +261,59 @@ def test_main_routes_to_argparse_when_the_fast_path_declines(monkeypatch, capsys
     with pytest.raises(SystemExit) as e:
         cli.main(["runs", "--help"])
     assert e.value.code == 0 and "include ended runs" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the wire, without json's import
+
+REQUESTS = [
+    {"op": "runs", "all": False}, {"op": "runs", "id": 3}, {"op": "status"},
+    {"op": "events", "limit": 1000, "page": 500, "before": None, "since": NOW - 86400.0, "kinds": ["oom_kill", "é\x1b"]},
+    {"op": "events", "since": 1e300, "kinds": None, "x": [1.5, -0.0, float("inf"), float("nan"), True, "\ud800"]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("request_", REQUESTS)
+def test_requests_are_encoded_as_json_dumps_encodes_them(request_):
+    assert client.encode(request_) == json.dumps(request_)
+
+
+def test_what_json_cannot_encode_fails_as_in_json():
+    with pytest.raises(TypeError, match="Object of type set is not JSON serializable"):
+        client.encode({"op": {1}})
+
+
+REPLIES = [
+    json.dumps({"ok": True, "runs": [RUN], "n": 1.25, "big": 10**30, "neg": -3, "e": 1e-7}).encode(),
+    json.dumps({"ok": True, "s": "é\x1b\u2028", "nested": [[{"a": None}]]}).encode(),
+    json.dumps({"ok": True, "s": "é"}, ensure_ascii=False).encode(),
+    b'{"ok": true}\n', b'{"ok": true}  \r\n\t', b'{"ok": NaN, "x": -Infinity}', b'{"a": "\\ud800"}',
+    b"[1]", b" {}", b"null",  # not the daemon's shape: json.loads itself decodes them
+]  # fmt: skip
+MALFORMED = [b"", b"{", b'{"ok": true} x', b'{"ok": true}{}', b"{'ok': 1}", b'{"a": 01}', b'{"a": "\x01"}',
+             b"\xff\xfe", b'{"a": "\xff"}', b"{\x00"]  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", REPLIES)
+def test_replies_decode_as_json_loads_decodes_them(raw):
+    got, want = client.decode(raw), json.loads(raw)
+    assert json.dumps(got) == json.dumps(want)  # NaN != NaN: compared as text
+    assert type(got) is type(want)
+
+
+@pytest.mark.parametrize("raw", MALFORMED)
+def test_what_json_loads_refuses_is_refused(raw):
+    with pytest.raises(ValueError):
+        json.loads(raw)
+    with pytest.raises(ValueError):
+        client.decode(raw)
+
+
+def test_a_reply_on_the_wire_imports_neither_json_nor_re(tmp_path):
+    sock = tmp_path / "s.sock"
+    env = {"OOMGUARD_SOCKET": str(sock), "PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    server = Stub(sock, {"ok": True, "runs": [RUN]})
+    probe = ("import sys; from oomguard import cli; rc = cli.main(['runs']); "
+             "print(rc, sorted(m for m in ('json', 're', 'socket', 'argparse', 'oomguard.config') if m in sys.modules), "
+             "file=sys.stderr)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert r.stderr.strip() == "0 []" and "RUN" in r.stdout and server.asked == [{"op": "runs", "all": False}]

@@ -1,10 +1,23 @@
-"""The control client: one request to the daemon's socket, one reply."""
+"""The control client: one request to the daemon's socket, one reply.
+
+Every `oomguard` query and each login's `motd` starts here, so it imports
+little: the socket from ``_socket`` (``socket`` adds enum and selectors),
+and JSON through ``_json``, the C half of ``json`` (``json`` itself
+compiles regular expressions at import, most of a query's start-up).
+``encode`` and ``decode`` give exactly what ``json.dumps`` and
+``json.loads`` give for a request and a reply (test_cli_fast compares
+them); anything unusual goes to ``json`` itself.
+"""
 
 from __future__ import annotations
 
-import json
+import _socket as socket
 import os
-import socket
+
+try:
+    import _json
+except ImportError:  # an interpreter without the accelerator
+    _json = None
 
 TYPE_CHECKING = False  # importing typing for it costs a login 4 ms
 
@@ -38,7 +51,7 @@ def request(op: str, path: str | None = None, timeout: float = 30.0, **fields: A
             raise DaemonError(f"the oomguard daemon is not running (no socket at {path})") from None
         except OSError as e:
             raise DaemonError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
-        s.sendall((json.dumps({"op": op, **fields}) + "\n").encode())
+        s.sendall((encode({"op": op, **fields}) + "\n").encode())
         chunks = []
         while True:
             chunk = s.recv(1 << 16)
@@ -50,12 +63,53 @@ def request(op: str, path: str | None = None, timeout: float = 30.0, **fields: A
     finally:
         s.close()
     try:
-        reply = json.loads(b"".join(chunks))
+        reply = decode(b"".join(chunks))
     except ValueError:
         raise DaemonError("the daemon sent a malformed reply") from None
     if not reply.get("ok"):
         raise DaemonError(str(reply.get("error", "refused")))
     return reply
+
+
+def _not_serializable(o: object) -> object:
+    raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+
+
+def encode(obj: object) -> str:
+    """``json.dumps(obj)``."""
+    if _json is None:
+        import json
+
+        return json.dumps(obj)
+    enc = _json.make_encoder({}, _not_serializable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return "".join(enc(obj, 0))
+
+
+class _Scanning:
+    """What ``_json.make_scanner`` reads of a decoder: json.loads' defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+def decode(raw: bytes) -> Any:
+    """``json.loads(raw)``: the same value, or a ValueError where it raises one."""
+    if _json is None or raw[:1] != b"{" or raw[1:2] in (b"", b"\0"):
+        import json  # not a reply as the daemon writes them: json's own encoding detection and errors
+
+        return json.loads(raw)
+    text = raw.decode("utf-8", "surrogatepass")
+    try:
+        obj, end = _json.make_scanner(_Scanning())(text, 0)
+    except StopIteration:
+        raise ValueError("Expecting value") from None
+    if text[end:].strip(" \t\n\r"):
+        raise ValueError("Extra data")
+    return obj
 
 
 def events(path: str | None = None, *, limit: int = 1000, **filters: Any) -> list[dict]:

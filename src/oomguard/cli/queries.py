@@ -6,13 +6,13 @@ no argparse."""
 
 from __future__ import annotations
 
-import json
-
 from oomguard.cli.client import events, request
 from oomguard.cli.render import ago, describe_event, render_run_report, render_status, table
 
 
 def dump_json(data: object) -> None:
+    import json  # only --json pays for json's import (its regular expressions)
+
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
