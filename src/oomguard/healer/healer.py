@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 FAST_TICK = 0.5  # seconds between ticks while something is happening
 CALM_TICK = 5.0  # the longest wait between ticks when all is well (the watchdog wants a tick per minute)
+STORM_SAMPLE = 1.0  # calm, but an app cgroup to watch: a storm is seen within about a second
 
 
 class Healer:
@@ -195,8 +196,10 @@ class Healer:
         incident (down, acting, verifying), while a check is failing, and
         while the app cgroup sees OOM activity (a storm, a livelock, a kill
         or oom counted in its last seconds); otherwise the wait until the
-        next probe is due, at most ``calm_interval``: an idle healer wakes
-        a few times a minute, not twice a second."""
+        next probe is due, at most ``calm_interval`` (STORM_SAMPLE while
+        the app cgroup's memory.events can be read, so that a storm starting
+        in a calm moment is seen within about a second): an idle healer
+        wakes once a second or less, not twice a second."""
         with self._lock:
             storm = self.storm
             busy = (
@@ -207,7 +210,8 @@ class Healer:
             until = calm_until() if calm_until is not None else None  # a scripted monitor: keep close watch
         if busy or until is None:
             return self.tick_interval
-        return min(self.calm_interval, max(self.tick_interval / 10, until - now))
+        longest = min(self.calm_interval, STORM_SAMPLE) if storm.watching else self.calm_interval
+        return min(longest, max(self.tick_interval / 10, until - now))
 
     def close(self) -> None:
         """Abort running probes (their commands are killed) and close pidfds."""

@@ -75,6 +75,7 @@ class StormWatch:
         self._storm_next = 0.0
         self.livelock_since: float | None = None
         self.livelock_wall: float | None = None
+        self.watching = False  # the last sample read the app cgroup's memory.events
 
     def _decide(self, message: str, *args: object) -> None:
         decide(log, self.cfg.dry_run, message, *args)
@@ -84,6 +85,7 @@ class StormWatch:
         if not self.app_cgroup:
             return
         ev = cgroups.memory_events(self.app_cgroup)
+        self.watching = bool(ev)
         if not ev:
             return
         oom, kills = ev.get("oom", 0), ev.get("oom_kill", 0)

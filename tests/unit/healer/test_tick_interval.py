@@ -134,3 +134,14 @@ def test_the_loop_collects_a_finished_probe_at_once_and_stops_at_once(tmp_path):
     h.stop_waiting()
     t.join(2)
     assert not t.is_alive()
+
+
+def test_an_app_cgroup_to_watch_is_sampled_about_once_a_second(rig, fake_cgroupfs):
+    h = rig.healer()
+    h.tick()
+    assert not h.storm.watching and h.next_tick(rig.clock.boot) == 5.0  # no memory.events: nothing to sample
+    (fake_cgroupfs / "app" / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    rig.clock.advance(1.0)
+    h.tick()
+    assert h.storm.watching
+    assert h.next_tick(rig.clock.boot) == 1.0  # calm, yet a storm is seen within a second
