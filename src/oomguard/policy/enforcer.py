@@ -22,6 +22,7 @@ from typing import Any
 
 from oomguard.config import Config, PolicyClass
 from oomguard.host import cgroups, procfs, users
+from oomguard.host.proctable import ProcTable
 from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
 from oomguard.policy.resolver import Resolver
 from oomguard.policy.rules import classes_for
@@ -83,8 +84,9 @@ class Enforcer:
         self.stats = EnforcerStats()
         self._lock = threading.RLock()
         # Classes of processes seen, so that a child's parent class is a dict
-        # lookup. Keys are (pid, start time); exit events and sweeps prune it.
-        self._classes: dict[tuple[int, int], PolicyClass | None] = {}
+        # lookup. Keys are (pid, start time), indexed by pid so that an event
+        # touches one pid's entries only; exit events and sweeps prune it.
+        self._classes: ProcTable[PolicyClass | None] = ProcTable()
         # What polling saw last: pid -> (start time, comm).
         self._seen: dict[int, tuple[int, str]] = {}
         # Forks to look at again once they settled: (due, pid, start time).
@@ -104,6 +106,16 @@ class Enforcer:
             app_uid=app_uid,
             **kw,
         )
+
+    @property
+    def table(self) -> ProcTable[PolicyClass | None]:
+        """The live processes' classes, fed by events: (pid, start) -> class.
+        Read it under ``lock``; the enforcer alone writes it."""
+        return self._classes
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
 
     @property
     def classes(self) -> tuple[PolicyClass, ...]:
@@ -148,9 +160,9 @@ class Enforcer:
         with self._lock:
             r = self._resolver()
             if parent_pid is not None and proc.ppid != parent_pid:
-                known = [k for k in self._classes if k[0] == parent_pid and k[1] <= proc.starttime]
-                if known:
-                    r.parent_hints[proc.key] = self._classes[max(known, key=lambda k: k[1])]
+                known = self._classes.latest(parent_pid, upto=proc.starttime)
+                if known is not None:
+                    r.parent_hints[proc.key] = known[1]
             d = decide(proc, r)
             self._record(apply([d], self.dry_run, registry=self.registry))
             if self.app_cgroup and d.reason != PROTECTED:
@@ -173,8 +185,7 @@ class Enforcer:
         """A process exec'd: its class may have changed with its binary."""
         with self._lock:
             self.stats.events += 1
-            for key in [k for k in self._classes if k[0] == pid]:
-                del self._classes[key]
+            self._classes.forget(pid)
             return self.check(pid)
 
     def on_fork(self, parent_pid: int, child_pid: int, *_: Any) -> Decision | None:
@@ -224,8 +235,7 @@ class Enforcer:
 
     def on_exit(self, pid: int, *_: Any) -> None:
         with self._lock:
-            for key in [k for k in self._classes if k[0] == pid]:
-                del self._classes[key]
+            self._classes.forget(pid)
             self._seen.pop(pid, None)
 
     def on_uid(self, pid: int, *_: Any) -> Decision | None:

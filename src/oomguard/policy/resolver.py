@@ -8,7 +8,7 @@ lifecycle; a read-only command's resolver thus changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 from oomguard.config import PolicyClass
 from oomguard.host import procfs
@@ -33,7 +33,7 @@ class Resolver:
         lookup: Callable[[int], procfs.Proc | None],
         registry: RunRegistry | None,
         self_pid: int | None = None,
-        class_memo: dict[tuple[int, int], PolicyClass | None] | None = None,
+        class_memo: MutableMapping[tuple[int, int], PolicyClass | None] | None = None,
         follow_ancestors: bool = True,
     ):
         self.classes = classes
@@ -42,7 +42,8 @@ class Resolver:
         self.registry = registry
         self.self_pid = self_pid
         self.self_cls = self_class(classes) if self_pid is not None else None
-        self.class_memo = class_memo if class_memo is not None else {}
+        self.class_memo: MutableMapping[tuple[int, int], PolicyClass | None] = (
+            class_memo if class_memo is not None else {})
         self.protect_memo: dict[tuple[int, int], bool] = {}
         self.origin_memo: dict[tuple[int, int], int | None] = {}
         # child key -> its parent's class, when the parent is known from a
