@@ -1,11 +1,19 @@
 """Keeping the policy in force in the daemon.
 
-rules.py and its siblings say which process gets which oom_score_adj; this module applies
-that to processes as they start. The ``Enforcer`` classifies and fixes one
-process per process event (fork, exec, uid change), looks again at fresh
-forks once they settled, and falls back to polling /proc where there are no
-events. On a host without systemd it also moves the app user's processes
+rules.py and its siblings say which process gets which oom_score_adj; this
+module applies that to processes as they start. The ``Enforcer`` follows the
+process events (fork, exec, uid change, exit) in a table indexed by pid, looks
+at each new process once its events have settled (``delay``), looks again at
+fresh forks a second later, and falls back to polling /proc where there are
+no events. On a host without systemd it also moves the app user's processes
 into the app cgroup at birth.
+
+Cost, and why it stays flat: an event touches only its own pid's entries; a
+process that exits before its look is due costs no /proc read at all (most of
+an exec storm); looks are made in batches. All of /proc is walked only at
+start, after lost events, on new classes and when asked (``request_resync``)
+-- or on a timer where there are no events -- and that walk runs off the
+lock, so events never wait behind it.
 """
 
 from __future__ import annotations
@@ -15,8 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +31,7 @@ from oomguard.config import Config, PolicyClass
 from oomguard.host import cgroups, procfs, users
 from oomguard.host.proctable import ProcTable
 from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
+from oomguard.policy.pending import MISSING, Pending, PendingQueue
 from oomguard.policy.resolver import Resolver
 from oomguard.policy.rules import classes_for
 from oomguard.policy.writes import apply
@@ -33,8 +41,13 @@ from oomguard.runs.registry import RunRegistry
 log = logging.getLogger(__name__)
 
 
+EVENT_DELAY = 0.05  # the daemon's wait before a look: most of an exec storm has exited by then
 SETTLE_SECONDS = 1.0  # a launcher has exited and workers switched uid by then
-SETTLE_MAX = 20_000  # beyond that (a fork storm) the periodic resync catches up
+SETTLE_MAX = 20_000  # beyond that (a fork storm) a resync catches up
+PENDING_MAX = 20_000
+BATCH = 256  # looks per hold of the lock, so that events get in between
+BATCH_GAP = 0.01  # in a storm, one batch per this at most, not one wakeup per process
+IDLE_WAKE = 1.0  # nothing queued: the upkeep thread only checks for its stop
 
 
 @dataclass
@@ -45,17 +58,24 @@ class EnforcerStats:
     errors: int = 0
     placed: int = 0
     place_errors: int = 0
+    looks: int = 0  # processes looked at (a /proc snapshot each)
+    dropped: int = 0  # exited before their look was due: nothing read
+    resyncs: int = 0  # walks of all of /proc
+    lost: int = 0  # times the connector said events were lost
 
 
 class Enforcer:
     """Keeps the policy in force for processes that start later.
 
-    Event-driven: the process-event connector thread calls ``handle`` (or
-    ``on_fork`` / ``on_exec`` / ``on_exit``) for every event; each call
-    classifies and fixes one process. Fallback: ``poll_once`` every
-    poll_interval; it looks at new processes (and at those whose comm changed,
-    i.e. that exec'd) and re-checks everything every ``full_sweep_every``
-    polls to catch uid changes without exec.
+    Event-driven: the process-event connector thread calls ``handle`` for
+    every event. With ``delay`` > 0 and ``run_upkeep`` running, fork, exec
+    and uid events queue a look at their process, made ``delay`` later by
+    the upkeep thread (one look for all of a process's events, none if it
+    exited); otherwise, and through ``on_fork`` / ``on_exec``, each event
+    classifies and fixes its process at once. Fallback: ``poll_once`` every
+    poll_interval; it looks at new processes (and at those whose comm
+    changed, i.e. that exec'd) and re-checks everything every
+    ``full_sweep_every`` polls to catch uid changes without exec.
 
     ``app_cgroup`` / ``app_uid``: on a host without systemd, the app user's
     processes are moved into the app cgroup at birth (``place``).
@@ -72,6 +92,7 @@ class Enforcer:
         on_change: Callable[[Change], None] | None = None,
         self_pid: int | None = None,
         full_sweep_every: int = 30,
+        delay: float = 0.0,
     ):
         self._class_list = classes
         self.registry = registry
@@ -81,16 +102,23 @@ class Enforcer:
         self.on_change = on_change
         self.self_pid = os.getpid() if self_pid is None else self_pid
         self.full_sweep_every = max(1, full_sweep_every)
+        self.delay = delay
         self.stats = EnforcerStats()
         self._lock = threading.RLock()
         # Classes of processes seen, so that a child's parent class is a dict
         # lookup. Keys are (pid, start time), indexed by pid so that an event
-        # touches one pid's entries only; exit events and sweeps prune it.
+        # touches one pid's entries only; exit events and resyncs prune it.
         self._classes: ProcTable[PolicyClass | None] = ProcTable()
         # What polling saw last: pid -> (start time, comm).
         self._seen: dict[int, tuple[int, str]] = {}
-        # Forks to look at again once they settled: (due, pid, start time).
-        self._settle: deque[tuple[float, int, int]] = deque(maxlen=SETTLE_MAX)
+        self._pending = PendingQueue(delay, PENDING_MAX)  # first looks
+        self._settle = PendingQueue(SETTLE_SECONDS, SETTLE_MAX)  # second looks at forks
+        self._wake = threading.Event()  # something was queued or asked for
+        self._upkeep_running = False
+        self._resync_wanted = False
+        self._walking = threading.Lock()  # one walk of /proc at a time
+        self._dirty: set[int] | None = None  # pids events touched during a walk
+        self._generation = 0  # bumped by new classes: a walk under old ones is void
 
     @classmethod
     def from_config(
@@ -99,6 +127,7 @@ class Enforcer:
         if systemd is None:
             systemd = cgroups.systemd_booted()
         app_uid = users.uid_of(config.layout.app_user)
+        kw.setdefault("delay", EVENT_DELAY)
         return cls(
             classes_for(config),
             registry,
@@ -123,10 +152,18 @@ class Enforcer:
 
     @classes.setter
     def classes(self, classes: tuple[PolicyClass, ...]) -> None:
-        """New classes (a config reload): forget every class learned so far."""
+        """New classes (a config reload): forget every class learned so far,
+        and resync, so that running processes get the new values too."""
         with self._lock:
             self._class_list = classes
             self._classes.clear()
+            self._generation += 1
+        self.request_resync()
+
+    def request_resync(self) -> None:
+        """Walk all of /proc soon: in the upkeep thread, or at the next poll."""
+        self._resync_wanted = True
+        self._wake.set()
 
     # ------------------------------------------------------------ one process
 
@@ -139,35 +176,50 @@ class Enforcer:
         with self._lock:
             return decide(proc, self._resolver())
 
-    def _lookup(self, pid: int) -> procfs.Proc | None:
-        return procfs.snapshot(pid)
-
-    def _resolver(self) -> Resolver:
+    def _resolver(self, procs: dict[int, procfs.Proc] | None = None) -> Resolver:
         # Events reach the registry in order (on_fork tells it about every
         # child), so walking the ancestors for protection is only needed
         # when polling, where forks go unseen.
-        return Resolver(self.classes, self._lookup, self.registry, self.self_pid, self._classes,
-                         follow_ancestors=False)
+        def lookup(pid: int) -> procfs.Proc | None:
+            return (procs.get(pid) if procs else None) or procfs.snapshot(pid)
+
+        return Resolver(self.classes, lookup, self.registry, self.self_pid, self._classes,
+                        follow_ancestors=False)
+
+    def _hint(self, r: Resolver, proc: procfs.Proc, parent: int | None, hint: object = MISSING) -> None:
+        """The parent a fork event named: its class counts even if it has
+        exited since and the child was reparented (its exit comes after)."""
+        if parent is None or proc.ppid == parent:
+            return
+        if hint is MISSING:
+            known = self._classes.latest(parent, upto=proc.starttime)
+            if known is None:
+                return
+            hint = known[1]
+        r.parent_hints[proc.key] = hint  # type: ignore[assignment]
 
     def check(self, pid: int, *, parent_pid: int | None = None) -> Decision | None:
         """Classify one live process, fix its value and place it; the
         decision, or None if it is gone or a kernel thread. ``parent_pid``:
-        the parent a fork event named, whose class is used even if it has
-        exited since (its exit event comes after the fork event)."""
+        the parent a fork event named."""
         proc = procfs.snapshot(pid)
         if proc is None:
             return None
         with self._lock:
+            self.stats.looks += 1
             r = self._resolver()
-            if parent_pid is not None and proc.ppid != parent_pid:
-                known = self._classes.latest(parent_pid, upto=proc.starttime)
-                if known is not None:
-                    r.parent_hints[proc.key] = known[1]
-            d = decide(proc, r)
-            self._record(apply([d], self.dry_run, registry=self.registry))
-            if self.app_cgroup and d.reason != PROTECTED:
-                self._place(proc)
-            return d
+            self._hint(r, proc, parent_pid)
+            return self._enforce([proc], r)[0]
+
+    def _enforce(self, procs: Sequence[procfs.Proc], r: Resolver) -> list[Decision]:
+        """Decide, write in one batch, and place; under the lock."""
+        decisions = [decide(p, r) for p in procs]
+        self._record(apply(decisions, self.dry_run, registry=self.registry))
+        if self.app_cgroup:
+            for p, d in zip(procs, decisions, strict=True):
+                if d.reason != PROTECTED:
+                    self._place(p)
+        return decisions
 
     def _record(self, changes: list[Change]) -> None:
         for c in changes:
@@ -181,26 +233,129 @@ class Enforcer:
             if self.on_change is not None:
                 self.on_change(c)
 
+    # ------------------------------------------------------------ events
+
+    def _touched(self, pid: int) -> None:
+        if self._dirty is not None:
+            self._dirty.add(pid)  # a walk under way must leave this one to the event
+
+    def _tell_registry(self, parent_pid: int, child_pid: int) -> int | None:
+        """The registry learns a child at its fork, first, so that a protected
+        run's children are never mistaken for ordinary app processes."""
+        child_start = procfs.starttime_of(child_pid)
+        if self.registry is not None and child_start is not None:
+            RunLifecycle(self.registry).member(parent_pid, procfs.starttime_of(parent_pid), child_pid, child_start)
+        return child_start
+
     def on_exec(self, pid: int) -> Decision | None:
         """A process exec'd: its class may have changed with its binary."""
         with self._lock:
             self.stats.events += 1
+            self._touched(pid)
             self._classes.forget(pid)
             return self.check(pid)
 
     def on_fork(self, parent_pid: int, child_pid: int, *_: Any) -> Decision | None:
         """A process forked. The child inherited its parent's value, which is
-        wrong when it belongs to another class (a php-fpm master's worker).
-        The registry learns the child first, so a protected run's children
-        are never mistaken for ordinary app processes."""
+        wrong when it belongs to another class (a php-fpm master's worker)."""
         with self._lock:
             self.stats.events += 1
-            child_start = procfs.starttime_of(child_pid)
-            if self.registry is not None:
-                RunLifecycle(self.registry).member(parent_pid, procfs.starttime_of(parent_pid), child_pid, child_start)
+            self._touched(child_pid)
+            child_start = self._tell_registry(parent_pid, child_pid)
             if child_start is not None:
-                self._settle.append((time.monotonic() + SETTLE_SECONDS, child_pid, child_start))
+                self._settle.add(child_pid, time.monotonic(), start=child_start)
             return self.check(child_pid, parent_pid=parent_pid)
+
+    def on_uid(self, pid: int, *_: Any) -> Decision | None:
+        """A process changed its uid (cron or sshd becoming the user before
+        exec): classes match on uid, so it is looked at like an exec."""
+        return self.on_exec(pid)
+
+    def on_exit(self, pid: int, *_: Any) -> None:
+        with self._lock:
+            self._touched(pid)
+            self._classes.forget(pid)
+            self._seen.pop(pid, None)
+            if self._pending.drop(pid):
+                self.stats.dropped += 1
+            self._settle.drop(pid)
+
+    def _queue(self, kind: str, event: tuple) -> None:
+        """Remember that a process needs a look ``delay`` from now; nothing
+        is read here but, for the registry, the start times at a fork."""
+        pid = event[2] if kind == "fork" else event[1]
+        with self._lock:
+            self.stats.events += 1
+            self._touched(pid)
+            self._classes.forget(pid)  # an exec or uid change may change its class
+            fields: dict[str, Any] = {}
+            if kind == "fork":
+                parent = event[1]
+                if self.registry is not None:
+                    self._tell_registry(parent, pid)
+                known = self._classes.latest(parent)  # while the parent is still known
+                fields = {"parent": parent, "hint": known[1] if known else MISSING, "fork": True}
+            was_empty = not self._pending
+            if not self._pending.add(pid, time.monotonic(), **fields):
+                self.request_resync()  # more new processes than we queue: walk them all
+        if was_empty:
+            self._wake.set()
+
+    def handle(self, event: tuple) -> None:
+        """A procevents tuple: ("fork", parent, child) / ("exec", pid) /
+        ("uid", pid, ruid, euid) / ("exit", pid, status) / ("lost",). Lost
+        events mean a resync (in the upkeep thread while it runs, so this
+        thread goes on draining the socket). Never raises: one bad event
+        must not stop the event thread."""
+        try:
+            kind = event[0]
+            if kind == "exit":
+                self.on_exit(event[1])
+            elif kind == "lost":
+                self.stats.lost += 1
+                if self._upkeep_running:
+                    self.request_resync()
+                else:
+                    self.resync()
+            elif kind in ("exec", "fork", "uid"):
+                if self.delay > 0 and self._upkeep_running:
+                    self._queue(kind, event)
+                elif kind == "fork":
+                    self.on_fork(event[1], event[2])
+                else:
+                    self.on_exec(event[1])
+        except Exception:  # noqa: BLE001
+            log.exception("policy: event %r", event)
+
+    # ------------------------------------------------------------ upkeep
+
+    def _look(self, batch: list[tuple[int, Pending]], now: float) -> int:
+        """One look at each queued process that is still there, all decided
+        with one resolver and written in one batch; under the lock."""
+        procs: dict[int, procfs.Proc] = {}
+        hints: list[tuple[procfs.Proc, Pending]] = []
+        for pid, p in batch:
+            proc = procfs.snapshot(pid)
+            if proc is None or (p.start is not None and proc.starttime != p.start):
+                continue  # gone, or (second look) another process by now
+            if p.start is not None:
+                self._classes.pop(proc.key, None)  # the second look: by who it is now
+            if p.fork:
+                self._settle.add(pid, now, start=proc.starttime)
+            procs[pid] = proc
+            hints.append((proc, p))
+        if not procs:
+            return 0
+        r = self._resolver(procs)
+        for proc, p in hints:
+            self._hint(r, proc, p.parent, p.hint)
+        self.stats.looks += len(procs)
+        self._enforce(list(procs.values()), r)
+        return len(procs)
+
+    def process_due(self, now: float | None = None) -> int:
+        """The first looks whose time has come; how many processes were looked at."""
+        return self._drain(self._pending, now)
 
     def settle(self, now: float | None = None) -> int:
         """Look again at processes forked a moment ago, by who they are now.
@@ -210,64 +365,62 @@ class Enforcer:
         worker of the launcher, and its first workers (still root) look like
         masters. A second look once the launcher is gone and the workers
         switched uid sees the true parents. Returns how many were looked at."""
+        return self._drain(self._settle, now)
+
+    def _drain(self, queue: PendingQueue, now: float | None) -> int:
         now = time.monotonic() if now is None else now
         n = 0
-        with self._lock:
-            while self._settle and self._settle[0][0] <= now:
-                _, pid, start = self._settle.popleft()
-                if procfs.starttime_of(pid) != start:
-                    continue
-                self._classes.pop((pid, start), None)
-                self.check(pid)
-                n += 1
+        while True:
+            with self._lock:
+                batch = queue.pop_due(now, BATCH)
+                if not batch:
+                    break
+                n += self._look(batch, now)
+            if queue.overflowed:
+                queue.overflowed = False
+                self.request_resync()
         return n
 
-    def run_upkeep(self, stop: threading.Event, resync_every: float = 60.0) -> None:
-        """In event mode: settle recent forks, and a full resync now and then
-        (a process whose uid changed without an event, a parent that changed
-        class without its children noticing)."""
-        next_resync = time.monotonic() + resync_every
-        while not stop.wait(0.25):
-            self.settle()
-            if time.monotonic() >= next_resync:
-                self.resync()
-                next_resync = time.monotonic() + resync_every
+    def _wait(self, now: float, next_resync: float | None) -> float:
+        if self._resync_wanted:
+            return 0.0
+        times = [t for t in (self._pending.next_due(), self._settle.next_due(), next_resync) if t is not None]
+        if not times:
+            return IDLE_WAKE
+        return min(IDLE_WAKE, max(min(times) - now, BATCH_GAP))
 
-    def on_exit(self, pid: int, *_: Any) -> None:
-        with self._lock:
-            self._classes.forget(pid)
-            self._seen.pop(pid, None)
-
-    def on_uid(self, pid: int, *_: Any) -> Decision | None:
-        """A process changed its uid (cron or sshd becoming the user before
-        exec): classes match on uid, so it is looked at like an exec."""
-        return self.on_exec(pid)
+    def run_upkeep(self, stop: threading.Event, resync_every: float | None = None) -> None:
+        """In event mode: the delayed looks, the second looks at settled
+        forks, and a resync when one is due: after lost events, on new
+        classes, or when asked. No timer walks /proc unless ``resync_every``
+        asks for one; an idle enforcer wakes once per ``IDLE_WAKE``."""
+        self._upkeep_running = True
+        next_resync = time.monotonic() + resync_every if resync_every else None
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                wait = self._wait(time.monotonic(), next_resync)
+                if wait > 0 and self._wake.wait(wait):
+                    continue  # something new was queued: work out the wait again
+                if stop.is_set():
+                    break
+                now = time.monotonic()
+                self.process_due(now)
+                self.settle(now)
+                if next_resync is not None and now >= next_resync:
+                    self._resync_wanted = True
+                    next_resync = now + (resync_every or 0)
+                if self._resync_wanted:
+                    self._resync_wanted = False  # a request during the walk makes another
+                    self.resync()
+        finally:
+            self._upkeep_running = False
 
     def resync(self) -> list[Change]:
-        """A full round: at start (it also learns every live process's class,
-        which fork events of parents that exit quickly need) and after lost
-        events."""
+        """A walk of all of /proc: at start (it also learns every live
+        process's class, which fork events of parents that exit quickly
+        need), after lost events, on new classes and when asked."""
         return self.poll_once(full=True)
-
-    def handle(self, event: tuple) -> None:
-        """A procevents tuple: ("fork", parent, child) / ("exec", pid) /
-        ("uid", pid, ruid, euid) / ("exit", pid, status) / ("lost",). Lost
-        events mean a full polling round. Never raises: one bad event must
-        not stop the event thread."""
-        try:
-            kind = event[0]
-            if kind == "exec":
-                self.on_exec(event[1])
-            elif kind == "fork":
-                self.on_fork(event[1], event[2])
-            elif kind == "uid":
-                self.on_uid(event[1])
-            elif kind == "exit":
-                self.on_exit(event[1])
-            elif kind == "lost":
-                self.resync()
-        except Exception:  # noqa: BLE001
-            log.exception("policy: event %r", event)
 
     # ------------------------------------------------------------ placement
 
@@ -321,46 +474,80 @@ class Enforcer:
         return out
 
     def poll_once(self, *, full: bool | None = None) -> list[Change]:
-        """One polling round; returns the writes made (or failed)."""
+        """One polling round; returns the writes made (or failed). A full
+        round is a walk of all of /proc (``_walk``)."""
         with self._lock:
             self.stats.polls += 1
             if full is None:
-                full = self.stats.polls % self.full_sweep_every == 1 or not self._seen
-            now = self._stat_all()
+                full = self.stats.polls % self.full_sweep_every == 1 or not self._seen or self._resync_wanted
             if full:
-                todo = list(now)
-                self._classes.clear()  # also forgets classes from before an unseen exec
-            else:
-                todo = [pid for pid, v in now.items() if self._seen.get(pid) != v]
-                for pid, v in now.items():
-                    old = self._seen.get(pid)
-                    if old is not None and old[0] == v[0] and old[1] != v[1]:
-                        self._classes.pop((pid, v[0]), None)  # exec'd: class may differ
+                self._resync_wanted = False
+        if full:
+            return self._walk()
+        with self._lock:
+            now = self._stat_all()
+            todo = [pid for pid, v in now.items() if self._seen.get(pid) != v]
+            for pid, v in now.items():
+                old = self._seen.get(pid)
+                if old is not None and old[0] == v[0] and old[1] != v[1]:
+                    self._classes.pop((pid, v[0]), None)  # exec'd: class may differ
             self._seen = now
-            procs = {}
-            for pid in todo:
-                p = procfs.snapshot(pid)
-                if p is not None:
-                    procs[pid] = p
+            procs = {pid: p for pid in todo if (p := procfs.snapshot(pid)) is not None}
+            r = Resolver(self.classes, lambda pid: procs.get(pid) or procfs.snapshot(pid), self.registry,
+                         self.self_pid, self._classes)
+            return self._apply_round(procs, [decide(p, r) for p in procs.values()], r)
 
-            def lookup(pid: int) -> procfs.Proc | None:
-                return procs.get(pid) or procfs.snapshot(pid)
+    def _walk(self) -> list[Change]:
+        """Every live process, decided afresh (which also forgets classes
+        from before an unseen exec). /proc is read and the decisions made
+        off the lock, so events are handled meanwhile; under it, what events
+        touched during the walk is left to them (their look is newer), and
+        each write checks the start time."""
+        with self._walking:
+            with self._lock:
+                self.stats.resyncs += 1
+                self._dirty = set()
+                generation, classes = self._generation, self.classes
+            try:
+                seen = self._stat_all()
+                procs = {pid: p for pid in seen if (p := procfs.snapshot(pid)) is not None}
+                memo: dict[tuple[int, int], PolicyClass | None] = {}
+                r = Resolver(classes, lambda pid: procs.get(pid) or procfs.snapshot(pid), self.registry,
+                             self.self_pid, memo)
+                decisions = [decide(p, r) for p in procs.values()]
+            finally:
+                with self._lock:
+                    dirty, self._dirty = self._dirty or set(), None
+            with self._lock:
+                if generation != self._generation:
+                    return []  # new classes meanwhile: they asked for a walk of their own
+                fresh: ProcTable[PolicyClass | None] = ProcTable()
+                for key, cls in memo.items():
+                    if key[0] not in dirty:
+                        fresh[key] = cls
+                for pid in dirty:
+                    for start, cls in self._classes.entries(pid).items():
+                        fresh[(pid, start)] = cls
+                self._classes.replace(fresh)  # also prunes what exits we missed left
+                self._seen = seen
+                keep = {pid: p for pid, p in procs.items() if pid not in dirty}
+                return self._apply_round(keep, [d for d in decisions if d.pid not in dirty], r)
 
-            r = Resolver(self.classes, lookup, self.registry, self.self_pid, self._classes)
-            decisions = [decide(p, r) for p in procs.values()]
-            if self.registry is not None and not self.registry.read_only:
-                # Polling sees no forks: follow what the walk up found from now on,
-                # even after the parent exits.
-                runs = RunLifecycle(self.registry)
-                for par, child in r.found_descendants:
-                    runs.member(par.pid, par.starttime, child.pid, child.starttime)
-            changes = apply(decisions, self.dry_run, registry=self.registry)
-            self._record(changes)
-            if self.app_cgroup:
-                for d in decisions:
-                    if d.reason != PROTECTED:
-                        self._place(procs[d.pid])
-            return changes
+    def _apply_round(self, procs: dict[int, procfs.Proc], decisions: list[Decision], r: Resolver) -> list[Change]:
+        """A polling round's or a walk's writes and moves; under the lock."""
+        if self.registry is not None and not self.registry.read_only:
+            # Polling sees no forks: follow what the walk up found from now on,
+            # even after the parent exits.
+            runs = RunLifecycle(self.registry)
+            for par, child in r.found_descendants:
+                runs.member(par.pid, par.starttime, child.pid, child.starttime)
+        changes = apply(decisions, self.dry_run, registry=self.registry)
+        self._record(changes)
+        if self.app_cgroup:
+            for d in decisions:
+                if d.reason != PROTECTED:
+                    self._place(procs[d.pid])
+        return changes
 
     def run_polling(self, stop: threading.Event, interval: float) -> None:
         """Poll until ``stop`` is set (the daemon's fallback loop)."""
@@ -372,4 +559,4 @@ class Enforcer:
             stop.wait(interval)
 
 
-__all__ = ["SETTLE_MAX", "SETTLE_SECONDS", "Enforcer", "EnforcerStats"]
+__all__ = ["EVENT_DELAY", "SETTLE_MAX", "SETTLE_SECONDS", "Enforcer", "EnforcerStats"]
