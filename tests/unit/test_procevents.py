@@ -49,3 +49,28 @@ def test_an_overrun_of_the_real_connector_is_followed_by_a_drained_resync() -> N
     stop.set()
     thread.join(10)
     assert seen.count(("lost",)) >= 2, seen[:5]  # at the loss, and after the drain
+
+
+@pytest.mark.skipif(not procevents.available(), reason="needs root and the process-event connector")
+def test_a_burst_is_read_with_few_wakeups_and_nothing_is_lost(monkeypatch) -> None:
+    pe = procevents.ProcEvents()
+    pe.open()
+    selects = []
+    real = procevents.select.select
+    monkeypatch.setattr(procevents.select, "select", lambda *a: selects.append(1) or real(*a))
+    kids = [subprocess.Popen(["/bin/true"]) for _ in range(40)]  # queued before anyone reads
+    for k in kids:
+        k.wait()
+    seen: list[tuple] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=pe.run, args=(seen.append, stop), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    exited = {k.pid for k in kids}
+    while not exited <= {ev[1] for ev in seen if ev[0] == "exit"} and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    thread.join(10)
+    assert exited <= {ev[1] for ev in seen if ev[0] == "exit"}  # every exit, in one stream
+    assert ("lost",) not in seen
+    assert len(selects) < len(kids)  # 120 or more datagrams, far fewer waits

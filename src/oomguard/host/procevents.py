@@ -148,27 +148,46 @@ class ProcEvents:
                     if not ready and losses.drained(time.monotonic()):
                         deliver([("lost",)])
                     continue
-                try:
-                    datagram = self.sock.recv(65536)
-                except OSError as e:
-                    if e.errno == errno.ENOBUFS:
-                        if losses.overrun(time.monotonic()):
-                            log.warning("process events lost (receive buffer overrun); resyncing")
-                            deliver([("lost",)])
-                        continue
-                    if e.errno in (errno.EINTR, errno.EAGAIN):
-                        continue
-                    raise
-                events = parse(datagram)
+                events, datagrams = self._drain(losses)
                 if losses.mid_storm(time.monotonic()):
                     events.append(("lost",))
                 deliver(events)
+                if datagrams > 1:
+                    # A burst (an exec storm): let the next datagrams gather and
+                    # read them with one wakeup, not a select() per event.
+                    stop.wait(COALESCE)
         finally:
             self.close()
+
+    def _drain(self, losses: LossTracker) -> tuple[list[Event], int]:
+        """What the socket holds now, up to MAX_BURST datagrams, without
+        blocking; a loss becomes a ("lost",) in its place in the stream."""
+        assert self.sock is not None
+        events: list[Event] = []
+        n = 0
+        for _ in range(MAX_BURST):
+            try:
+                datagram = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    if losses.overrun(time.monotonic()):
+                        log.warning("process events lost (receive buffer overrun); resyncing")
+                        events.append(("lost",))
+                    continue
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            n += 1
+            events.extend(parse(datagram))
+        return events, n
 
 
 IDLE_WAIT = 0.2
 DRAIN_WAIT = 0.05  # no datagram for this long after a loss: the backlog is drained
+MAX_BURST = 512  # datagrams read per wakeup at most, so that stop is seen
+COALESCE = 0.01  # after a burst, the wait for the next datagrams to gather
 
 
 class LossTracker:
