@@ -36,7 +36,7 @@ from oomguard.policy.resolver import Resolver
 from oomguard.policy.rules import classes_for
 from oomguard.policy.writes import apply
 from oomguard.runs.lifecycle import RunLifecycle
-from oomguard.runs.registry import RunRegistry
+from oomguard.runs.registry import RunRegistry, follows
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ SETTLE_SECONDS = 1.0  # a launcher has exited and workers switched uid by then
 SETTLE_MAX = 20_000  # beyond that (a fork storm) a resync catches up
 PENDING_MAX = 20_000
 BATCH = 256  # looks per hold of the lock, so that events get in between
-BATCH_GAP = 0.01  # in a storm, one batch per this at most, not one wakeup per process
+BATCH_GAP = 0.025  # in a storm, one batch per this at most, not one wakeup per process
 IDLE_WAKE = 1.0  # nothing queued: the upkeep thread only checks for its stop
 
 
@@ -115,6 +115,7 @@ class Enforcer:
         self._settle = PendingQueue(SETTLE_SECONDS, SETTLE_MAX)  # second looks at forks
         self._wake = threading.Event()  # something was queued or asked for
         self._upkeep_running = False
+        self._sleeping_until = 0.0  # when the upkeep thread wakes by itself
         self._resync_wanted = False
         self._walking = threading.Lock()  # one walk of /proc at a time
         self._dirty: set[int] | None = None  # pids events touched during a walk
@@ -247,6 +248,11 @@ class Enforcer:
             RunLifecycle(self.registry).member(parent_pid, procfs.starttime_of(parent_pid), child_pid, child_start)
         return child_start
 
+    def _registry_follows(self) -> bool:
+        """Whether a fork may make a run member: only runs followed through
+        forks have members. None (the common case) means nothing to read."""
+        return self.registry is not None and any(follows(r) for r in self.registry.active())
+
     def on_exec(self, pid: int) -> Decision | None:
         """A process exec'd: its class may have changed with its binary."""
         with self._lock:
@@ -291,14 +297,17 @@ class Enforcer:
             fields: dict[str, Any] = {}
             if kind == "fork":
                 parent = event[1]
-                if self.registry is not None:
+                if self._registry_follows():
                     self._tell_registry(parent, pid)
                 known = self._classes.latest(parent)  # while the parent is still known
                 fields = {"parent": parent, "hint": known[1] if known else MISSING, "fork": True}
-            was_empty = not self._pending
-            if not self._pending.add(pid, time.monotonic(), **fields):
+            now = time.monotonic()
+            if not self._pending.add(pid, now, **fields):
                 self.request_resync()  # more new processes than we queue: walk them all
-        if was_empty:
+            # Wake the upkeep thread only if it sleeps past this look: in a
+            # storm it is due to wake anyway, so a process costs no wakeup.
+            wake = now + self.delay < self._sleeping_until
+        if wake:
             self._wake.set()
 
     def handle(self, event: tuple) -> None:
@@ -399,7 +408,10 @@ class Enforcer:
         try:
             while not stop.is_set():
                 self._wake.clear()
-                wait = self._wait(time.monotonic(), next_resync)
+                now = time.monotonic()
+                with self._lock:
+                    wait = self._wait(now, next_resync)
+                    self._sleeping_until = now + wait
                 if wait > 0 and self._wake.wait(wait):
                     continue  # something new was queued: work out the wait again
                 if stop.is_set():
