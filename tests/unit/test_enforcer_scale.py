@@ -336,3 +336,26 @@ def test_polling_keeps_its_periodic_walk_and_walks_once_for_new_classes(monkeypa
     enf.poll_once()
     enf.poll_once()
     assert fulls == [1, 4, 7, 8]
+
+
+def test_a_queued_fork_still_tells_the_registry_at_once(tmp_path, sleeper) -> None:
+    """The look waits; the run's membership does not: a protected run's child
+    is a member before anything looks at it, and is never written."""
+    from oomguard.runs.registry import Run, RunRegistry
+
+    me = procfs.snapshot(os.getpid())
+    reg = RunRegistry(tmp_path / "runs.json", boot_id="test-boot")
+    reg.add(Run(id=1, uid=me.uid, user="u", pid=me.pid, starttime=me.starttime, started=time.time(),
+                command="t", cgroup=None))  # cgroup-less: followed through forks
+    enf = Enforcer(_classes(600), reg, self_pid=0, delay=10.0)
+    enf._upkeep_running = True
+    a = subprocess.Popen([str(sleeper), "60"])
+    try:
+        _until(lambda: procfs.read_stat(a.pid).comm == sleeper.name[:15])
+        enf.handle(("fork", os.getpid(), a.pid))
+        assert reg.is_protected(a.pid, procfs.starttime_of(a.pid), None)  # before the look
+        assert enf.process_due(time.monotonic() + 11) == 1
+        assert procfs.read_oom_score_adj(a.pid) == 0 and enf.stats.writes == 0
+    finally:
+        a.kill()
+        a.wait()
