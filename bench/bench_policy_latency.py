@@ -7,7 +7,16 @@ then spawns that binary again and again and measures the time from just
 before the spawn until /proc/<pid>/oom_score_adj reads the class value.
 
     python3 bench/bench_policy_latency.py [--mode poll|events|both]
-        [--interval 2.0] [--samples 20]
+        [--interval 2.0] [--samples 20] [--delay S|daemon]
+        [--sleepers N] [--walk-every S] [--src DIR]
+
+--delay: the enforcer's wait before a look (default none: each event at
+once; "daemon": EVENT_DELAY, as the daemon runs it). --sleepers: that many
+sleeping processes first. --walk-every: a thread walks all of /proc every S
+seconds meanwhile (what lost events or a request make it do; before, a 60 s
+timer did it under the enforcer's lock), so the worst figure shows whether
+events wait behind a walk. --src: the code tree to measure (an exported old
+commit, for a before/after).
 
 The clock starts before fork, so every figure includes the spawn itself;
 the "spawn only" line is that cost alone. Polling samples are spaced at
@@ -29,7 +38,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+_SRC = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--src=")), None)
+sys.path.insert(0, _SRC or str(Path(__file__).resolve().parents[1] / "src"))
 
 from oomguard.config import parse_policy_class  # noqa: E402
 from oomguard.host import procfs  # noqa: E402
@@ -60,7 +70,23 @@ def start_events(enf: Enforcer, stop: threading.Event) -> threading.Thread:
     pe.open()  # raises OSError without root or connector: let the caller say so
     t = threading.Thread(target=pe.run, args=(enf.handle, stop), daemon=True)
     t.start()
+    # the daemon's second thread: the delayed looks (an old enforcer: its timer)
+    threading.Thread(target=enf.run_upkeep, args=(stop, 3600.0), daemon=True).start()
     return t
+
+
+def start_walks(enf: Enforcer, stop: threading.Event, every: float) -> list[float]:
+    """A walk of /proc every ``every`` s; returns the list of their durations."""
+    took: list[float] = []
+
+    def loop() -> None:
+        while not stop.wait(every):
+            t = time.perf_counter()
+            enf.resync()
+            took.append(time.perf_counter() - t)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return took
 # <<< EVENT HOOK
 
 
@@ -124,11 +150,23 @@ def main() -> int:
     ap.add_argument("--mode", choices=("poll", "events", "both"), default="both")
     ap.add_argument("--interval", type=float, default=2.0, help="polling interval (the config default)")
     ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--delay", default=None, help='seconds, or "daemon" (EVENT_DELAY)')
+    ap.add_argument("--sleepers", type=int, default=0)
+    ap.add_argument("--walk-every", type=float, default=0.0)
+    ap.add_argument("--src", default=None, help="the code tree (read before import, as --src=DIR)")
     args = ap.parse_args()
+    kw = {}
+    if args.delay == "daemon":
+        from oomguard.policy.enforcer import EVENT_DELAY
+
+        kw["delay"] = EVENT_DELAY
+    elif args.delay is not None:
+        kw["delay"] = float(args.delay)
 
     tmp = Path(tempfile.mkdtemp(prefix="oomglat."))
     binary = tmp / "oomglat-sleep"
     shutil.copy2(shutil.which("sleep"), binary)
+    sleepers = [subprocess.Popen(["sleep", "3600"]) for _ in range(args.sleepers)]
     try:
         print(f"host: {len(procfs.list_pids())} processes, CAP_SYS_RESOURCE={procfs.has_cap_sys_resource()}")
         report("spawn only (no enforcer)", spawn_cost(binary, args.samples), args.samples)
@@ -155,19 +193,26 @@ def main() -> int:
 
         if args.mode in ("events", "both"):
             stop = threading.Event()
-            enf = Enforcer(CLASSES, None, self_pid=0)
+            enf = Enforcer(CLASSES, None, self_pid=0, **kw)
+            enf.poll_once(full=True)  # as the daemon, before it listens
             try:
                 th = start_events(enf, stop)
             except OSError as e:
                 print(f"events: unavailable here ({e}); run as root on a kernel with the connector")
             else:
                 time.sleep(0.2)
+                walks = start_walks(enf, stop, args.walk_every) if args.walk_every else []
                 xs = measure(binary, args.samples, lambda: random.uniform(0.01, 0.05), 5.0)
                 stop.set()
                 th.join()
                 report("process events", xs, args.samples)
+                if walks:
+                    print(f"  {len(walks)} walks of /proc meanwhile, median {statistics.median(walks) * 1000:.0f} ms")
                 print(f"  enforcer saw {enf.stats.events} events, wrote {enf.stats.writes} values")
     finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
