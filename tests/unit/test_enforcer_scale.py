@@ -359,3 +359,30 @@ def test_a_queued_fork_still_tells_the_registry_at_once(tmp_path, sleeper) -> No
     finally:
         a.kill()
         a.wait()
+
+
+def test_looks_go_on_while_proc_is_walked(monkeypatch, sleeper) -> None:
+    enf = Enforcer(_classes(600), None, self_pid=0, delay=0.02)
+    release, walking = threading.Event(), threading.Event()
+
+    def slow_walk():
+        walking.set()
+        release.wait(10)  # a walk of a very big box
+        return []
+
+    monkeypatch.setattr(enf, "_walk", slow_walk)
+    stop, t = _upkeep(enf)
+    a = subprocess.Popen([str(sleeper), "60"])
+    try:
+        enf.request_resync()
+        assert walking.wait(5)
+        _until(lambda: procfs.read_stat(a.pid).comm == sleeper.name[:15])
+        enf.handle(("exec", a.pid))
+        _until(lambda: procfs.read_oom_score_adj(a.pid) == 600, timeout=5)  # the walk still runs
+        assert not release.is_set()
+    finally:
+        release.set()
+        stop.set()
+        t.join(5)
+        a.kill()
+        a.wait()

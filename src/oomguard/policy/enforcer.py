@@ -392,7 +392,7 @@ class Enforcer(Walks, AppPlacement):
         return n
 
     def _wait(self, now: float, next_resync: float | None) -> float:
-        if self._resync_wanted:
+        if self._resync_wanted and not self._walking.locked():
             return 0.0
         times = [t for t in (self._pending.next_due(), self._settle.next_due(), next_resync) if t is not None]
         if not times:
@@ -423,11 +423,21 @@ class Enforcer(Walks, AppPlacement):
                 if next_resync is not None and now >= next_resync:
                     self._resync_wanted = True
                     next_resync = now + (resync_every or 0)
-                if self._resync_wanted:
+                if self._resync_wanted and not self._walking.locked():
                     self._resync_wanted = False  # a request during the walk makes another
-                    self.resync()
+                    threading.Thread(target=self._walk_apart, name="policy-walk", daemon=True).start()
         finally:
             self._upkeep_running = False
+
+    def _walk_apart(self) -> None:
+        """A resync in a thread of its own: the delayed looks go on meanwhile
+        (a walk of 10,000 processes takes seconds)."""
+        try:
+            self.resync()
+        except Exception:  # noqa: BLE001 - the next loss or request tries again
+            log.exception("policy: resync")
+        finally:
+            self._wake.set()  # a request made during the walk is seen now
 
     def resync(self) -> list[Change]:
         """A walk of all of /proc: at start (it also learns every live
