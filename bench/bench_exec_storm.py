@@ -23,6 +23,11 @@ CAP_SYS_RESOURCE. Each long-lived process must read 500 at the end.
 
     sudo python3 bench/bench_exec_storm.py [--rate 1000] [--seconds 10]
         [--rounds 3] [--every 100] [--ref c485a51]
+    sudo python3 bench/bench_exec_storm.py --idle 70 [--sleepers 10000]
+
+--idle: no storm; each variant's CPU and wakeups (context switches of all
+its threads) over that many seconds, with --sleepers sleeping processes on
+the box (the old enforcer walked /proc every 60 s: give it more than that).
 
 Needs root (the connector, and the spawner's setuid). Medians over the
 rounds; the rounds of the variants alternate, so noise hits them alike.
@@ -122,6 +127,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime of all threads
 
 
+def wakeups(pid: int) -> int:
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    n += int(line.split()[1])
+    return n
+
+
+def idle_round(src: Path, mode: str, delay: str, seconds: float) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    consumer = subprocess.Popen([sys.executable, "-c", CONSUMER, mode, delay], env=env,
+                                stdout=subprocess.PIPE, text=True)
+    assert consumer.stdout is not None
+    if consumer.stdout.readline().strip() != "ready":
+        raise SystemExit(f"{mode}: the consumer did not start")
+    time.sleep(2.0)  # its start-up walk is not idle
+    c0, w0 = cpu_seconds(consumer.pid), wakeups(consumer.pid)
+    time.sleep(seconds)
+    cpu, woke = cpu_seconds(consumer.pid) - c0, wakeups(consumer.pid) - w0
+    consumer.send_signal(signal.SIGTERM)
+    consumer.communicate(timeout=30)
+    return {"cpu_per_min": cpu / seconds * 60, "wakeups": woke / seconds}
+
+
 def export_ref(ref: str, into: Path) -> Path | None:
     """The src/ tree of a commit, for the "before" variant."""
     out = into / "ref"
@@ -178,6 +209,21 @@ def one_round(src: Path, mode: str, delay: str, args: argparse.Namespace, bins: 
             "long": len(storm["long"]), "stats": json.loads(out.strip().splitlines()[-1] or "{}")}
 
 
+def idle(variants: list[tuple[str, Path, str, str]], args: argparse.Namespace) -> int:
+    sleepers = [subprocess.Popen(["sleep", "3600"]) for _ in range(args.sleepers)]
+    try:
+        rows = [(name, idle_round(src, mode, delay, args.idle)) for name, src, mode, delay in variants]
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+    print(f"\nidle: {args.idle:g} s, {args.sleepers} sleepers, {len(os.listdir('/proc'))} /proc entries after")
+    print(f"{'variant':<24} {'CPU s/min':>10} {'wakeups/s':>10}")
+    for name, r in rows:
+        print(f"{name:<24} {r['cpu_per_min']:10.3f} {r['wakeups']:10.1f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", type=float, default=1000.0, help="execs per second")
@@ -185,6 +231,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--every", type=int, default=100, help="one long-lived process per this many")
     ap.add_argument("--spawners", type=int, default=2, help="processes sharing the rate")
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds of idle measurement instead of a storm")
+    ap.add_argument("--sleepers", type=int, default=0, help="sleeping processes during --idle")
     ap.add_argument("--ref", default="c485a51", help="the commit whose enforcer is 'before'")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -205,6 +253,8 @@ def main() -> int:
             print(f"(no git checkout of {args.ref}: the 'before' line is left out)")
         variants += [("now, at once", ROOT / "src", "enforcer", "0"),
                      ("now, as the daemon", ROOT / "src", "enforcer", "daemon")]
+        if args.idle:
+            return idle(variants, args)
         results: dict[str, list[dict]] = {v[0]: [] for v in variants}
         for r in range(args.rounds):
             for name, src, mode, delay in variants:

@@ -184,7 +184,7 @@ class ProcEvents:
         return events, n
 
 
-IDLE_WAIT = 0.2
+IDLE_WAIT = 1.0  # nothing to read: the wait only bounds how late ``stop`` is seen
 DRAIN_WAIT = 0.05  # no datagram for this long after a loss: the backlog is drained
 MAX_BURST = 512  # datagrams read per wakeup at most, so that stop is seen
 COALESCE = 0.01  # after a burst, the wait for the next datagrams to gather
