@@ -25,7 +25,7 @@ stop them in a fixture finalizer.  Files written to /results (the
 
 Host-side knobs (environment): OOMGUARD_GUEST_RESULTS (host dir for junit.xml,
 console.log, outcomes.jsonl, ...; default: a new temp dir),
-OOMGUARD_GUEST_TIMEOUT (seconds, default 900), OOMGUARD_GUEST_MEM (MiB,
+OOMGUARD_GUEST_TIMEOUT (seconds, default 1500: the suite takes about 8 min unloaded), OOMGUARD_GUEST_MEM (MiB,
 default 1024), OOMGUARD_GUEST_CPUS (default 2), OOMGUARD_GUEST_PLUGIN_AUTOLOAD=1
 (also load entry-point pytest plugins in the guest; off by default since they
 cost seconds under TCG).  The guest console is streamed live unless -q.
@@ -155,7 +155,7 @@ class _GuestRun:
             try:
                 self.result = run_guest(
                     argv,
-                    timeout=float(os.environ.get("OOMGUARD_GUEST_TIMEOUT", 900)),
+                    timeout=float(os.environ.get("OOMGUARD_GUEST_TIMEOUT", 1500)),
                     memory_mib=int(os.environ.get("OOMGUARD_GUEST_MEM", 1024)),
                     cpus=int(os.environ.get("OOMGUARD_GUEST_CPUS", 2)),
                     env=self.env(),
