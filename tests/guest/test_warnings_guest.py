@@ -98,7 +98,7 @@ def test_the_owner_is_warned_on_the_runs_terminal_then_told_the_warning_is_void(
 
         final = tty.wait_for(rf"Your protected run {rid} \([^)]*sleep 600\) will be stopped in (\d+)s, "
                              r"at (\d\d:\d\d:\d\d) UTC")  # fmt: skip
-        assert int(final.group(1)) <= WARN_BEFORE and final.group(2) == first.group(1)
+        assert int(final.group(1)) <= WARN_BEFORE and final.group(2) == first.group(1), tty.text
         shop.up = True
         tty.wait_for(rf"the shop is up again; your protected run {rid} will not be stopped \(the warning is void\)")
         assert warnings_of(daemon, rid) == ["down_warning", "final_warning", "warning_void"]

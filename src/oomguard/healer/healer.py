@@ -149,10 +149,10 @@ class Healer:
 
     def tick(self, now: float | None = None) -> None:
         """One step; ``now`` is CLOCK_BOOTTIME seconds (a fake clock in tests)."""
-        if now is None:
-            now = self.clock.boottime()
         t0 = time.monotonic()
         with self._lock:
+            if now is None:  # read under the lock: a wait for it must not age the tick's clock
+                now = self.clock.boottime()
             self.monitor.poll(now)
             self.storm.watch(now)
             if self.cfg.enabled:

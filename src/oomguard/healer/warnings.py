@@ -43,6 +43,7 @@ class RunWarnings:
         self._wall = wall
         self._tell = tell
         self._incident: float | None = None  # the start of the incident warned about
+        self._acts_at: float | None = None  # wall time the healer acts at, as first told
         self._said: dict[int, set[str]] = {}  # run id -> what it was told
 
     def update(self, now: float, inc: Incident | None) -> None:
@@ -55,7 +56,11 @@ class RunWarnings:
         if not inc.down or inc.phase != Phase.WAITING:
             return  # acting now: the killer's own notice follows
         left = max(0.0, inc.grace - inc.elapsed(now))
-        acts_at = self._wall() + left
+        # Said once per incident, so every message names the same time even
+        # if a tick ran late (its ``now`` older than the wall clock read here).
+        if self._acts_at is None:
+            self._acts_at = self._wall() + left
+        acts_at = self._acts_at
         for run in self._active_runs():
             said = self._said.setdefault(run.id, set())
             if DOWN not in said:
@@ -83,6 +88,7 @@ class RunWarnings:
 
     def _forget(self) -> None:
         self._incident = None
+        self._acts_at = None
         self._said.clear()
 
     def _say(self, action: str, run: Run, inc: Incident, acts_at: float, left: float) -> None:

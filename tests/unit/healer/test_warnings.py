@@ -109,3 +109,17 @@ def test_a_grace_shorter_than_the_lead_gives_one_warning(pty):
     for _ in range(10):
         rig.tick(2)
     assert rig.actions() == [DOWN]
+
+
+def test_every_warning_of_an_incident_names_the_same_time_even_after_a_late_tick(pty):
+    """A tick whose clock reading aged (it waited) must not move the time
+    the owner was told: the lead-time warning repeats the first one's."""
+    path, master = pty
+    rig = Rig(path)
+    rig.tick()
+    assert "will be stopped at 14:10:00 UTC" in read_all(master)
+    rig.boot += 546  # 54 s left; the late tick's clock says 59
+    rig.warnings.update(rig.boot - 5, rig.incident)  # a tick that read its clock 5 s before the wall clock
+    text = read_all(master)
+    assert rig.actions() == [DOWN, FINAL] and "at 14:10:00 UTC" in text, text
+    assert [d["acts_at"] for _, d, _ in rig.events] == [WALL0 + 600] * 2
