@@ -152,6 +152,11 @@ class Procs:
             deadline = time.monotonic() + 10
             while _comm(p.pid) != prog and time.monotonic() < deadline:
                 time.sleep(0.005)
+        if script.startswith("trap '' TERM"):
+            # a SIGTERM before the trap is set would end the shell: wait for the kernel to show it ignored
+            deadline = time.monotonic() + 10
+            while not _ignores_term(p.pid) and time.monotonic() < deadline:
+                time.sleep(0.005)
         children = []
         if "echo $!" in script:
             children = [int(p.stdout.readline())]
@@ -168,6 +173,16 @@ class Procs:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _ignores_term(pid: int) -> bool:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    except OSError:
+        pass
+    return False
 
 
 def _comm(pid: int) -> str | None:
