@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,11 @@ class GuestSuite:
     Host knobs: ``{env_prefix}_RESULTS`` (host dir for junit.xml, console.log,
     outcomes.jsonl, ...; default a new temp dir), ``_TIMEOUT`` (seconds),
     ``_MEM`` (MiB), ``_CPUS``.
+
+    ``writable``: extra tmpfs overlays in the guest (run_guest's ``writable``).
+    ``prepare(results_dir, nodeids)``: runs on the host before the boot and
+    returns extra environment for the guest's pytest (say, where it put
+    files it built for the tests; results_dir is /results in the guest).
     """
 
     directory: Path
@@ -80,6 +86,8 @@ class GuestSuite:
     env_prefix: str
     timeout: float = 900
     memory_mib: int = 1024
+    writable: tuple[str, ...] = ()
+    prepare: Callable[[Path, list[str]], dict[str, str]] | None = None
     _run: GuestRun | None = None
 
     def owns(self, item: pytest.Item) -> bool:
@@ -141,15 +149,17 @@ class GuestRun:
                     f"\n--- booting the {suite.flavour} guest for {len(self.nodeids)} test(s) ---\n"
                 )
             try:
+                extra = suite.prepare(self.results_dir, self.nodeids) if suite.prepare else {}
                 self.result = run_guest(
                     argv,
                     timeout=suite.knob("TIMEOUT", suite.timeout),
                     memory_mib=int(suite.knob("MEM", suite.memory_mib)),
                     cpus=int(suite.knob("CPUS", 2)),
-                    env=self.env(),
+                    env=self.env() | extra,
                     results_dir=self.results_dir,
                     stream=stream,
                     cwd=config.rootpath,
+                    writable=suite.writable,
                     flavour=suite.flavour,
                 )
             except GuestError as exc:
