@@ -55,6 +55,8 @@ def wait_until(predicate: Callable[[], object], what: str, timeout: float = 60) 
 
 
 UNIT_DIR = Path("/etc/systemd/system")
+DEBS_ENV = "OOMGUARD_TEST_DEBS"  # in the guest: the dir with the package test's .debs (conftest.build_debs)
+NEXT_SUFFIX = "+next1"  # the upgrade's version: this tree's, one step up
 OOMGUARD = str(Path(sys.executable).with_name("oomguard"))
 
 
