@@ -3,10 +3,10 @@ systemd guest: the first run changes the host, the second changes nothing,
 the daemon is reloaded only when a file changed, and `oomguard doctor
 --json` has no error afterwards.
 
-The guest's /usr is the host's, read-only: the role's package task is
-switched off (oomguard_install_package: false) and the role drives the
-test venv's oomguard; tests/unit/test_fleet_contrib.py checks the package
-tasks' syntax and the template's TOML.
+The role's package task is switched off (oomguard_install_package: false)
+and the role drives the test venv's oomguard: test_package_systemd.py
+installs the package itself; tests/unit/test_fleet_contrib.py checks the
+package tasks' syntax and the template's TOML.
 """
 
 from __future__ import annotations
