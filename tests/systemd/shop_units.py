@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import http.client
-import json
 import os
 import secrets
 import select
@@ -32,8 +31,8 @@ import shlex
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from flagship import (
@@ -54,7 +53,7 @@ from flagship import (
     flat_keyed,
     read_adj,
 )
-from systemd_tools import OOMGUARD, cgroup_of, run, systemctl, wait_until
+from systemd_tools import cgroup_of, run, systemctl, wait_until
 
 from oomguard.cli.client import DEFAULT_SOCKET, DaemonError, request
 from oomguard.host.scope import scope_argv
@@ -280,7 +279,8 @@ def units_state(units: tuple[str, ...] = SERVICES) -> dict[str, dict[str, str]]:
 # the scenario on the units
 
 # The plain guest's import, but "anything killable left" looks at the whole
-# app slice: its processes live in the units' cgroups below it, not in it.
+# app slice (its processes live in the units' cgroups below it, not in it),
+# and in Case A it frees a buffer before it finishes (see there).
 IMPORT_PY = r"""
 import os, signal, sys, time
 mode, app, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -316,6 +316,11 @@ while True:
     if mode == "finish" and not killable_left():
         break
 print(f"loaded all {len(data) * chunk >> 20} MiB; writing the results", flush=True)
+# An import lets go of its load buffers before it writes. Here it also
+# matters: at the limit with only -1000 tasks left, any page fault (its own
+# exit faulting code back in, systemd's ExecStopPost of a stopped unit) would
+# spin as in Case B, while the plain guest's last victims leave that room.
+del data[-64:]  # 32 MiB of 512 KiB chunks: each its own mmap, unmapped now
 time.sleep(1.0)
 print("done", flush=True)
 """
@@ -357,9 +362,9 @@ class UnitFlagship(Flagship):
         return ask(op, **fields)
 
     def events_cli(self, since: float) -> list[dict]:
-        when = datetime.fromtimestamp(int(since) - 1, UTC).isoformat()
-        r = run([OOMGUARD, "events", "--json", "--since", when, "--limit", "100000"], timeout=120)
-        return [e for e in json.loads(r.stdout) if e["ts"] >= since]
+        """The daemon's events since ``since`` (the data of `oomguard events
+        --json`, asked of the socket: the CLI's start costs seconds under TCG)."""
+        return [e for e in ask("events", since=since, limit=100000)["events"] if e["ts"] >= since]
 
     def ready(self, timeout: float = 120) -> None:
         """The shop answers, MariaDB is at -1000, every php-fpm worker has its
@@ -449,10 +454,24 @@ class UnitFlagship(Flagship):
         kmsg = KmsgFollower()
         prober = Prober(shop)  # type: ignore[arg-type]
         prober.start()
+        sampler = MemoryEventsSampler(self.app_dir / "memory.events")
+        sampler.start()
         since = tl.wall0
         seen_ids: set[int] = set()
         out_lines: list[tuple[float, str]] = []
         exited_at: list[float] = []
+        # the import is the login shell's pid (runuser's child): its end is
+        # when its pidfd turns readable, watched in a thread of its own
+        import_gone: list[float] = []
+        pidfd = os.pidfd_open(import_pid)
+
+        def watch_import() -> None:
+            select.select([pidfd], [], [])
+            import_gone.append(time.monotonic())
+
+        threading.Thread(target=watch_import, daemon=True, name="flagship-import-pidfd").start()
+        status = StatusSampler(self.healer_status, tl.t0)
+        status.start()
         assert login.stdin is not None
         login.stdin.write("go\n")
         login.stdin.flush()
@@ -464,9 +483,6 @@ class UnitFlagship(Flagship):
             login.wait()
             exited_at.append(time.monotonic())
 
-        # the import is the login shell's pid; its end is when runuser's
-        # output closes (runuser ends the session right after)
-        import_gone: list[float] = []
         reader = threading.Thread(target=read_output, daemon=True)
         reader.start()
 
@@ -489,9 +505,6 @@ class UnitFlagship(Flagship):
         down_at: float | None = None
         up_again_at: float | None = None
         unit_prev = {u: (s["ActiveState"], s["MainPID"]) for u, s in res.units_before.items()}
-        mem_prev: tuple[float, dict] | None = None
-        flat_since: tuple[float, dict] | None = None
-        tick_prev: tuple[float, int] | None = None
         next_slow = 0.0
         recovered = False
         deadline = time.monotonic() + CASE_TIMEOUT
@@ -501,9 +514,8 @@ class UnitFlagship(Flagship):
                 t, line = out_lines[printed_out]
                 printed_out += 1
                 tl.at(t - tl.t0, f"import: {line}", "import")
-            if not import_gone and not alive(import_pid):
-                import_gone.append(now)
-                tl.at(now - tl.t0, f"import (pid {import_pid}) gone", "import-exit")
+            if import_gone and not any(st.source == "import-exit" for st in tl.steps):
+                tl.at(import_gone[0] - tl.t0, f"import (pid {import_pid}) gone", "import-exit")
             while probe_seen < len(prober.results):
                 t, ok, detail = prober.results[probe_seen]
                 probe_seen += 1
@@ -545,30 +557,10 @@ class UnitFlagship(Flagship):
                         result = f", result {s['Result']}" if s["Result"] != "success" else ""
                         tl.add(f"systemd: {unit} {s['ActiveState']} ({s['SubState']}{result}), "
                                f"MainPID {s['MainPID']}", "systemd")  # fmt: skip
-                ev = flat_keyed(self.app_dir / "memory.events")
-                if mem_prev is not None:
-                    t_prev, ev_prev = mem_prev
-                    if ev.get("oom", 0) > ev_prev.get("oom", 0) and ev.get(
-                        "oom_kill", 0
-                    ) == ev_prev.get("oom_kill", 0):
-                        if flat_since is None:
-                            flat_since = (t_prev, ev_prev)
-                        t1, e1 = flat_since
-                        if res.livelock_seen is None and now - t1 >= 1.0:
-                            rate = (ev["oom"] - e1["oom"]) / (now - t1)
-                            res.livelock_seen = {"t": round(t1 - tl.t0, 2), "oom_per_second": round(rate),
-                                                 "oom_kill": ev["oom_kill"]}  # fmt: skip
-                            tl.at(t1 - tl.t0, f"memory.events: oom +{rate:.0f}/s, oom_kill stuck at "
-                                              f"{ev['oom_kill']}: only -1000 tasks left, the import spins",
-                                  "cgroup")  # fmt: skip
-                    else:
-                        flat_since = None
-                mem_prev = (now, ev)
                 try:
                     rows = self.ask("events", since=since, limit=100000)["events"]
-                    st = self.healer_status()
                 except DaemonError as e:
-                    rows, st = [], None
+                    rows = []
                     tl.add(f"(cannot reach the daemon: {e})", "oomguard")
                 for e in rows:
                     if e["id"] in seen_ids:
@@ -590,18 +582,6 @@ class UnitFlagship(Flagship):
                         )
                     if e["kind"] == "healer" and d.get("action") == "recovered":
                         recovered = True
-                if st is not None:
-                    loop = st["loop"]
-                    sample = {"t": round(now - tl.t0, 2), "ticks": loop["ticks"],
-                              "last_tick_seconds": loop["last_tick_seconds"],
-                              "max_tick_seconds": loop["max_tick_seconds"],
-                              "livelock": st["livelock"]["active"], "phase": st["phase"]}  # fmt: skip
-                    if tick_prev is not None and loop["ticks"] > tick_prev[1]:
-                        sample["period"] = round(
-                            (now - tick_prev[0]) / (loop["ticks"] - tick_prev[1]), 3
-                        )
-                    tick_prev = (now, loop["ticks"])
-                    res.tick_samples.append(sample)
             if recovered and import_gone and up_again_at is not None:
                 res.finished = True
                 break
@@ -610,9 +590,20 @@ class UnitFlagship(Flagship):
         # ---- after the case
         prober.stop.set()
         prober.join(5)
+        sampler.stop.set()
+        sampler.join(5)
+        status.stop.set()
+        status.join(30)
+        res.tick_samples = status.samples
         kmsg.close()
+        if (ll := livelock_from(sampler.samples)) is not None:
+            res.livelock_seen = {**ll, "t": round(ll["t"] - tl.t0, 2)}
+            tl.at(ll["t"] - tl.t0, f"memory.events: oom +{ll['oom_per_second']}/s, oom_kill stuck at "
+                                   f"{ll['oom_kill']}: only -1000 tasks left, the import spins", "cgroup")  # fmt: skip
         if not import_gone:  # the time-out: leave nothing behind for the next case
             systemctl("kill", "--signal=SIGKILL", "oomguard-run-*.scope", scope_name, check=False)
+            wait_until(lambda: import_gone, "the import's end after SIGKILL", timeout=60)
+        os.close(pidfd)  # its watcher has returned
         reader.join(60)
         res.login_status = login.poll()
         res.import_output = [line for _, line in out_lines]
@@ -648,6 +639,74 @@ class UnitFlagship(Flagship):
         tl.flush(force=True)
         res.steps = tl.sorted()
         return res
+
+
+class MemoryEventsSampler(threading.Thread):
+    """The app slice's memory.events every ``interval`` seconds, in a thread
+    of its own: while the slice livelocks, the watch loop's systemctl and
+    daemon calls can stall for many seconds (17 s seen), which would hide
+    the livelock from a sampler in that loop."""
+
+    def __init__(self, path: Path, interval: float = 0.5):
+        super().__init__(daemon=True, name="flagship-memory-events")
+        self.path, self.interval = path, interval
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, int, int]] = []  # (monotonic, oom, oom_kill)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            ev = flat_keyed(self.path)
+            self.samples.append((time.monotonic(), ev.get("oom", 0), ev.get("oom_kill", 0)))
+            self.stop.wait(self.interval)
+
+
+class StatusSampler(threading.Thread):
+    """The healer loop's counters from the daemon's status every
+    ``interval`` seconds, in a thread of its own (as MemoryEventsSampler)."""
+
+    def __init__(self, healer_status: Callable[[], dict], t0: float, interval: float = 0.5):
+        super().__init__(daemon=True, name="flagship-status")
+        self.healer_status, self.t0, self.interval = healer_status, t0, interval
+        self.stop = threading.Event()
+        self.samples: list[dict] = []
+
+    def run(self) -> None:
+        prev: tuple[float, int] | None = None
+        while not self.stop.is_set():
+            try:
+                st = self.healer_status()
+            except DaemonError:
+                st = None
+            now = time.monotonic()
+            if st is not None:
+                loop = st["loop"]
+                sample = {"t": round(now - self.t0, 2), "ticks": loop["ticks"],
+                          "last_tick_seconds": loop["last_tick_seconds"],
+                          "max_tick_seconds": loop["max_tick_seconds"],
+                          "livelock": st["livelock"]["active"], "phase": st["phase"]}  # fmt: skip
+                if prev is not None and loop["ticks"] > prev[1]:
+                    sample["period"] = round((now - prev[0]) / (loop["ticks"] - prev[1]), 3)
+                prev = (now, loop["ticks"])
+                self.samples.append(sample)
+            self.stop.wait(self.interval)
+
+
+def livelock_from(samples: list[tuple[float, int, int]]) -> dict | None:
+    """The first second (or more) in which oom climbed in every interval
+    while oom_kill stayed put: only -1000 tasks left, the allocation spins."""
+    start = None
+    for (t0, oom0, kill0), (t1, oom1, kill1) in zip(samples, samples[1:], strict=False):
+        if oom1 > oom0 and kill1 == kill0:
+            start = start or (t0, oom0)
+            if t1 - start[0] >= 1.0:
+                return {
+                    "t": start[0],
+                    "oom_per_second": round((oom1 - start[1]) / (t1 - start[0])),
+                    "oom_kill": kill1,
+                }
+        else:
+            start = None
+    return None
 
 
 def _status(exit_status, end_reason) -> int | None:
