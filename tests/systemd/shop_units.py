@@ -2,8 +2,8 @@
 
 nginx.service, php8.2-fpm.service and mariadb.service run as Debian ships
 them; the shop is only configuration in the guest's writable /etc (and a web
-root in /srv), each file written by ``ShopUnits.write_files`` and removed by
-``ShopUnits.remove_files``:
+root in /srv), written by ``UnitShop.write_files`` and
+``write_healer_dropin`` and removed by ``UnitShop.remove_files``:
 
 - an nginx site on 127.0.0.1:PORT whose index.php goes to a php-fpm pool of
   its own (127.0.0.1:FPM_PORT, ``pm = static``, 4 workers, as in the plain
@@ -459,7 +459,6 @@ class UnitFlagship(Flagship):
         since = tl.wall0
         seen_ids: set[int] = set()
         out_lines: list[tuple[float, str]] = []
-        exited_at: list[float] = []
         # the import is the login shell's pid (runuser's child): its end is
         # when its pidfd turns readable, watched in a thread of its own
         import_gone: list[float] = []
@@ -481,7 +480,6 @@ class UnitFlagship(Flagship):
             for line in login.stdout:
                 out_lines.append((time.monotonic(), line.rstrip("\n")))
             login.wait()
-            exited_at.append(time.monotonic())
 
         reader = threading.Thread(target=read_output, daemon=True)
         reader.start()

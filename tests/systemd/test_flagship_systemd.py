@@ -3,8 +3,9 @@
 The shop is the packaged Debian units (nginx -> php8.2-fpm -> MariaDB,
 shop_units.py) in oomguard-app.slice, which gets a tight MemoryMax= for the
 module; the daemon is the oomguard.service that `oomguard setup` installs,
-with a config drop-in for the healer (the plain flagship's: the shop's URL,
-grace 8 s, no window) that restarts the units with `systemctl restart`.
+restarted once the shop answers with a config drop-in for the healer (the
+plain flagship's: the shop's URL, no window; but grace 20 s, see GRACE) that
+restarts the units with `systemctl restart`.
 
 Where the import is charged: as in the plain flagship, inside the app's
 memory limit, competing with the shop. A login session of shopuser
