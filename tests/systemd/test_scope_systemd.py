@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from systemd_tools import (
+    OOMGUARD,
     cgroup_of,
     oom_score_adj,
     setup_installed,
@@ -214,3 +215,50 @@ def test_kill_run_ends_a_run_by_its_scope(daemon, app_user):
         assert not Path("/sys/fs/cgroup" + run["cgroup"]).exists()
     finally:
         end(proc)
+
+
+def test_a_screen_run_stays_tracked_in_its_scope_after_the_screen_client_exits(daemon, app_user):
+    screendir = app_user.home / ".screen-oomguard"
+    proc = login(app_user.name, f"SCREENDIR={shlex.quote(str(screendir))} {OOM_PROTECT} screen -d -m -S imp "
+                                "sleep 300; echo detached")  # fmt: skip
+    try:
+        assert read_lines(proc, 1) == ["detached"]  # the screen client has exited
+        run = wait_until(lambda: next((r for r in runs_as_root() if r["ended"] is None and r["user"] == app_user.name
+                                       and "screen" in r["command"]), None), "the screen run")  # fmt: skip
+        scope = Path("/sys/fs/cgroup" + run["cgroup"])
+        sleeper = wait_until(lambda: next((int(p) for p in (scope / "cgroup.procs").read_text().split()
+                                           if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"), None),
+                             "the sleeper in the run's scope")  # fmt: skip
+        assert oom_score_adj(sleeper) == -1000
+        time.sleep(2)  # several reaper passes: the run must stay active while its scope holds the session
+        assert next(r for r in runs_as_root() if r["id"] == run["id"])["ended"] is None
+        r = subprocess.run([OOMGUARD, "kill-run", str(run["id"])], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        wait_until(lambda: not scope.exists(), "the run's scope to go")
+    finally:
+        end(proc)
+        subprocess.run(["rm", "-rf", str(screendir)], check=False)
+
+
+def test_the_sandboxed_daemon_tells_the_runs_terminal_why_it_was_stopped(daemon, app_user):
+    """The notice on the run's own terminal, written by the hardened unit
+    (no PrivateDevices, so /dev/pts is there for it)."""
+    from terminal import Terminal  # tests/guest: a user-owned pty as a login gives it
+
+    tty = Terminal(app_user.uid)
+    proc = tty.popen(["runuser", "-l", app_user.name, "-c", f"{OOM_PROTECT} sh -c 'echo $$ started; exec sleep 300'"],
+                     env={"PATH": os.environ["PATH"], "TERM": "dumb"})  # fmt: skip
+    try:
+        pid = int(tty.wait_for(r"(\d+) started", timeout=120).group(1))
+        run = wait_until(lambda: next((r for r in runs_as_root() if r["pid"] == pid and r["ended"] is None), None),
+                         "the run")  # fmt: skip
+        assert run["tty"] and run["tty"].startswith("/dev/pts/")
+        r = subprocess.run([OOMGUARD, "kill-run", str(run["id"])], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        tty.wait_for(rf"oomguard: protected run {run['id']} \([^)]*sleep 300\) was stopped: stopped by an administrator "
+                     r"\(oomguard kill-run\)", timeout=60)  # fmt: skip
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        tty.close()
