@@ -84,7 +84,10 @@ def test_killed_twenty_times_the_daemon_forgets_no_live_run_and_loses_no_event(t
             alive = protected_of(unpriv_user.uid, cgroup)
             seen_alive |= alive
             active = {r["pid"]: r for r in d.runs(all=False)}
-            assert alive <= set(active), (kill, alive - set(active), d.log_text()[-3000:])
+            missing = alive - set(active)
+            assert not missing, (kill, missing, [ln for ln in d.log_text().splitlines()  # every incarnation's
+                                                 if any(f"pid={p} " in ln or f"pid {p} " in ln for p in missing)
+                                                 or "adopt" in ln or "refus" in ln or "cgroup" in ln])  # fmt: skip
             clients = [p for p in clients if p.poll() is None]
         for p in clients:
             p.kill()

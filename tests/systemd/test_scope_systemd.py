@@ -246,8 +246,10 @@ def test_the_sandboxed_daemon_tells_the_runs_terminal_why_it_was_stopped(daemon,
     from terminal import Terminal  # tests/guest: a user-owned pty as a login gives it
 
     tty = Terminal(app_user.uid)
-    proc = tty.popen(["runuser", "-l", app_user.name, "-c", f"{OOM_PROTECT} sh -c 'echo $$ started; exec sleep 300'"],
-                     env={"PATH": os.environ["PATH"], "TERM": "dumb"})  # fmt: skip
+    # setpriv, not runuser: su and runuser run -c commands in a new session, with no terminal at all
+    as_user = ["setpriv", f"--reuid={app_user.uid}", f"--regid={app_user.gid}", "--init-groups", "--"]
+    proc = tty.popen([*as_user, OOM_PROTECT, "sh", "-c", "echo $$ started; exec sleep 300"],
+                     env={"PATH": os.environ["PATH"], "HOME": str(app_user.home), "TERM": "dumb"})  # fmt: skip
     try:
         pid = int(tty.wait_for(r"(\d+) started", timeout=120).group(1))
         run = wait_until(lambda: next((r for r in runs_as_root() if r["pid"] == pid and r["ended"] is None), None),

@@ -83,6 +83,25 @@ def test_a_planted_run_cgroup_is_refused_and_left_as_it_was(cgroupfs):
     assert (planted / "cgroup.procs").read_text() == "666\n"  # not adopted, nothing moved in
 
 
+def test_an_empty_run_cgroup_a_crash_left_is_made_again(cgroupfs):
+    """A daemon killed between the mkdir and saving the run id hands the id
+    out again: its empty, root-made leaf is ours, not planted."""
+    leftover = cgroupfs / "user.slice" / "oomguard-run-7"
+    leftover.mkdir(parents=True)
+    assert lifecycle.make_cgroup(7, 4242, "/user.slice") == "/user.slice/oomguard-run-7"
+    assert (leftover / "cgroup.procs").read_text() == "4242\n"
+
+
+def test_an_empty_run_cgroup_a_user_made_is_still_refused(cgroupfs):
+    (cgroupfs / "user.slice").mkdir()
+    planted = cgroupfs / "user.slice" / "oomguard-run-7"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(RunRefused, match="already exists"):
+        lifecycle.make_cgroup(7, 4242, "/user.slice")
+    assert planted.exists() and not (planted / "cgroup.procs").exists()
+
+
 def test_a_failing_mkdir_is_refused_not_ignored(cgroupfs):
     # as with cgroup.max.descendants=0, the kernel refuses the mkdir
     with pytest.raises(RunRefused) as e:
@@ -278,7 +297,9 @@ def test_a_second_request_from_a_protected_process_gets_its_run_back(granting, c
 def test_a_planted_cgroup_refuses_the_grant_and_records_no_run(granting, cgroupfs):
     make, peer_of, spawn, writes = granting
     g, reg = make()
-    (cgroupfs / f"oomguard-run-{reg._next_id}").mkdir()
+    planted = cgroupfs / f"oomguard-run-{reg._next_id}"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)  # a user made it (in a cgroup delegated to them)
     with pytest.raises(Refusal) as e:
         g.grant(peer_of(spawn()))
     assert e.value.reason == RefusalReason.ERROR

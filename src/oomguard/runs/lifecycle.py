@@ -56,12 +56,20 @@ def make_cgroup(run_id: int, pid: int, parent: str, memory_max: int | None = Non
 
     An existing directory of that name is refused, never adopted: in a
     cgroup delegated to the user it may have been planted, with limits or
-    processes of the user's choosing. A failing mkdir is refused too, so
+    processes of the user's choosing (an empty root-made one that a crash
+    left is removed and made again). A failing mkdir is refused too, so
     that ``cgroup.max.descendants=0`` cannot buy a run without a cgroup.
     If only the move fails, the run goes on without a cgroup, as before."""
     cg = cgroups.join(parent, cgroup_name(run_id))
     try:
-        cgroups.create(cg, exist_ok=False)
+        try:
+            cgroups.create(cg, exist_ok=False)
+        except FileExistsError:
+            if not _crash_leftover(cg):
+                raise
+            log.warning("run %d: removing %s, left empty by a daemon killed mid-grant", run_id, cg)
+            _remove(cg)
+            cgroups.create(cg, exist_ok=False)
     except FileExistsError:
         log.warning("run %d: %s already exists; refusing to adopt it", run_id, cg)
         raise RunRefused(f"the run's cgroup {cg} already exists", RefusalReason.ERROR) from None
@@ -83,6 +91,15 @@ def make_cgroup(run_id: int, pid: int, parent: str, memory_max: int | None = Non
         _remove(cg)
         return None
     return cg
+
+
+def _crash_leftover(cg: str) -> bool:
+    """An existing leaf for a run id nobody holds is ours only if root made
+    it outside any user's subtree and nothing is in it: a grant cut short
+    between the mkdir and the registry's write (the id was never saved, so
+    the next daemon hands it out again). Anything else may be planted."""
+    return cgroups.owner(cg) == 0 and not cgroups.under_a_user_owned(cg) and not cgroups.populated(cg) \
+        and not cgroups.children(cg)
 
 
 def _remove(cgroup: str) -> bool:
