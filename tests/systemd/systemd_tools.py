@@ -79,6 +79,9 @@ def setup_installed(*start: str) -> Iterator[subprocess.CompletedProcess]:
         yield result
     finally:
         systemctl("stop", "oomguard.service", *start, check=False)
+        # the slices setup wrote stay active once units ran in them (the
+        # flagship's): stopped too, so the next module sees none of ours
+        systemctl("stop", "oomguard-app.slice", "oomguard.slice", check=False)
         systemctl("disable", "oomguard.service", check=False)
         for p in sorted(set(UNIT_DIR.rglob("*")) - before, reverse=True):
             p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
