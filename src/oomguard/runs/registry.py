@@ -373,10 +373,11 @@ class RunRegistry:
     def alive(self, run: Run) -> bool:
         """Whether anything of the run still runs: never ended while a
         followed member lives, wherever it moved."""
-        if run.cgroup and cgroups.exists(run.cgroup):
-            if cgroups.populated(run.cgroup):
-                return True
-        elif procfs.running(run.pid, run.starttime):
+        if run.cgroup and cgroups.exists(run.cgroup) and cgroups.populated(run.cgroup):
+            return True
+        # Also with a cgroup: a systemd scope exists a moment before its pid
+        # is moved in, and a reaper looking then must not end the run.
+        if procfs.running(run.pid, run.starttime):
             return True
         return any(procfs.running(p, s) for p, s in self.members(run))
 
