@@ -1,6 +1,10 @@
 """Kernel OOM reports become attributed events."""
 
+import re
+import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from oomguard.forensics import oomreport, oomwatch
 from oomguard.forensics.events import EventStore
@@ -76,3 +80,69 @@ def test_ring_overruns_are_logged_once_per_interval(caplog):
     assert f.lost == 3000
     lines = [r for r in caplog.records if "records lost" in r.getMessage()]
     assert len(lines) == 1 and "3 kernel log records lost" in lines[0].getMessage()
+
+
+# ------------------------------------------------ the kernel log position
+
+KMSG = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg"
+
+
+def capture(name, fresh=True):
+    chunks = re.split(rb"\n(?! )", (KMSG / name).read_bytes())
+    recs = [r for c in chunks if c and (r := kmsg.parse_record(c + b"\n")) is not None]
+    shift = kmsg.now_usec() - max(r.ts_usec for r in recs) if fresh else 0
+    return [replace(r, ts_usec=r.ts_usec + shift) for r in recs]
+
+
+def follow(w, recs):
+    """As the follower hands them over: then the ring is drained."""
+    for rec in recs:
+        w.on_record(rec)
+        w.follower.last_seq = rec.seq
+    w.on_idle()
+
+
+def test_the_position_moves_past_lines_that_are_no_event(tmp_path):
+    w, store = watcher(tmp_path)
+    follow(w, [kmsg.KmsgRecord(seq=500, ts_usec=kmsg.now_usec(), level=6, facility=0, text="eth0: link up", cont=False)])
+    assert store.query() == []
+    assert store.get_state("kmsg.seq") == "500"
+    again = oomwatch.OomWatcher(str(tmp_path / "no-kmsg"), store, w.registry)
+    assert again.follower.start_after_seq == 500  # a restart reads on from there
+
+
+def test_a_restart_mid_livelock_does_not_store_its_repeats_again(tmp_path):
+    """The kernel repeats a livelock report many times a second; one is
+    stored, the rest counted. The position passes the repeats too, so the
+    next daemon neither stores them as new nor reads them at all."""
+    recs = capture("linux-6.1-livelock.kmsg")
+    w, store = watcher(tmp_path)
+    follow(w, recs)
+    assert [e["kind"] for e in store.query()] == ["oom_livelock"]
+    assert store.get_state("kmsg.seq") == str(max(r.seq for r in recs))
+    again = oomwatch.OomWatcher(str(tmp_path / "no-kmsg"), store, w.registry)
+    assert again.follower.start_after_seq == max(r.seq for r in recs)
+
+
+def test_the_position_is_saved_at_stop_when_a_save_was_held_back(tmp_path):
+    w, store = watcher(tmp_path)
+    follow(w, [kmsg.KmsgRecord(seq=10, ts_usec=kmsg.now_usec(), level=6, facility=0, text="a", cont=False)])
+    w.on_record(kmsg.KmsgRecord(seq=11, ts_usec=kmsg.now_usec(), level=6, facility=0, text="b", cont=False))
+    w.follower.last_seq = 11
+    assert w.on_idle() is True  # held back by SAVE_EVERY: look again soon
+    assert store.get_state("kmsg.seq") == "10"
+    w.run(threading.Event())  # the device is missing: run returns at once, and saves
+    assert store.get_state("kmsg.seq") == "11"
+
+
+def test_an_old_livelock_read_at_start_is_stored_but_raises_no_gauge(tmp_path):
+    from oomguard.forensics.metrics import Metrics
+
+    m = Metrics()
+    store = EventStore(":memory:", 3600, 1000)
+    w = oomwatch.OomWatcher(str(tmp_path / "no-kmsg"), store, RunRegistry(tmp_path / "runs.json", "boot"), m)
+    follow(w, capture("linux-6.1-livelock.kmsg", fresh=False))  # printed at the capture's boot + 60 s
+    assert [e["kind"] for e in store.query()] == ["oom_livelock"]
+    assert b"oomguard_oom_livelock 0.0" in m.render()
+    follow(w, capture("linux-6.1-livelock.kmsg"))  # one printed now does
+    assert b"oomguard_oom_livelock 1.0" in m.render()

@@ -325,8 +325,20 @@ class EventStore:
         return row[0] if row else None
 
     def set_state(self, key: str, value: str) -> None:
+        self.set_states({key: value})
+
+    def set_states(self, values: Mapping[str, str]) -> None:
+        """Set several state keys in one transaction: all or none."""
         with self._lock:
-            self._set_state_locked(key, value)
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for key, value in values.items():
+                    self._set_state_locked(key, value)
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
 
     def _set_state_locked(self, key: str, value: str) -> None:
         self._db.execute(

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # kernel timestamps turned into wall time drift a little (btime is whole seconds)
 SLACK = 1.0
+SAVE_EVERY = 1.0
 
 
 class OomWatcher:
@@ -59,6 +60,8 @@ class OomWatcher:
             on_lost=hooks.kmsg_lost,
             on_idle=self.on_idle,
         )
+        self._saved = self.follower.start_after_seq  # the position the store holds for this boot
+        self._next_save = 0.0
 
     def attribution(self, when: float | None) -> tuple[list[dict], list[int]]:
         """The protected runs alive at wall time ``when`` (now if unknown), and
@@ -85,7 +88,29 @@ class OomWatcher:
         self.handle(self.parser.expire(kmsg.now_usec()), self.follower.last_seq)
         livelock = self.livelocks.active(time.monotonic())
         self.hooks.set_livelock(livelock)
-        return self.parser.pending or livelock
+        unsaved = not self.save_position()
+        return self.parser.pending or livelock or unsaved
+
+    def save_position(self, force: bool = False) -> bool:
+        """Persist the position after the last record read, if it moved.
+        False while a save is due but held back by ``SAVE_EVERY``."""
+        seq = self.follower.last_seq
+        if seq is None:
+            return True
+        pos = self.parser.resume_after(seq)
+        if pos == self._saved:
+            return True
+        now = time.monotonic()
+        if not force and now < self._next_save:
+            return False
+        self._next_save = now + SAVE_EVERY
+        try:
+            self.store.set_states({"kmsg.seq": str(pos), "kmsg.boot_id": self.follower.boot_id or ""})
+        except Exception as e:  # noqa: BLE001 - a full disk: the events stored so far hold their own position
+            log.warning("cannot save the kernel log position (%s): a restart may read repeats again", e)
+            return True
+        self._saved = pos
+        return True
 
     def handle(self, events: list, seq: int | None) -> None:
         for ev in events:
@@ -112,8 +137,11 @@ class OomWatcher:
                 self.hooks.oom_livelock()
                 if self.on_livelock is not None:
                     self.on_livelock(ev.oom_memcg)
-                seen = self.livelocks.seen(ev, time.monotonic())
-                self.hooks.set_livelock(True)
+                # on the kernel's clock (CLOCK_MONOTONIC, as time.monotonic), so
+                # a backlog read at once is judged by when it was printed
+                now = time.monotonic()
+                seen = self.livelocks.seen(ev, min(ev.ts_usec / 1e6, now))
+                self.hooks.set_livelock(self.livelocks.active(now))
                 if not seen:
                     continue  # one stored per cgroup per minute; the kernel repeats it
                 data["suppressed_repeats"] = self.livelocks.take_suppressed(ev.oom_memcg)
@@ -121,6 +149,8 @@ class OomWatcher:
             if seq is not None:
                 state = {"kmsg.seq": str(self.parser.resume_after(seq)), "kmsg.boot_id": self.follower.boot_id}
             self.store.add(kind, data, ts=ev.wall_time, uids=sorted(uids), state=state)
+            if state is not None:
+                self._saved = int(state["kmsg.seq"])
             if self.on_event:
                 self.on_event(kind, data)
 
@@ -129,3 +159,5 @@ class OomWatcher:
             self.follower.run(stop)
         except OSError as e:
             log.warning("cannot follow the kernel log %s (%s): OOM kills will not be recorded", self.follower.path, e)
+        finally:
+            self.save_position(force=True)
