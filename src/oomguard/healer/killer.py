@@ -30,6 +30,8 @@ from oomguard.runs.run import Run
 log = logging.getLogger(__name__)
 
 KILLED_BY_HEALER = "killed by healer"
+# listings of a target that gone() checks before it calls a moving one "not gone"
+GONE_LISTINGS = 8
 
 
 class Killer:
@@ -221,18 +223,26 @@ class Kill:
         """Nothing that we may kill is left."""
         if any(not h.exited() for h in self.handles.values() if h.pid not in self.skipped):
             return False
-        # Anything new (forked meanwhile) that we may kill is "not gone".
-        for pid, start in self._candidates():
-            if pid in self.skipped:
-                continue
-            proc = procfs.snapshot(pid)
-            if proc is None or proc.state == "Z" or (start is not None and proc.starttime != start):
-                continue
-            if self.killer.guard.refusal(proc, in_run=self.run is not None) is None and (
-                self.run is not None or proc.oom_score_adj == OOM_SCORE_ADJ_MIN
-            ):
-                return False
-        return True
+        # Anything new (forked meanwhile) that we may kill is "not gone". A
+        # fork chain renews its pid faster than a listing is checked: each
+        # one listed may have forked and exited by its turn. So list again
+        # until a listing shows nobody not checked before.
+        seen: set[tuple[int, int | None]] = set()
+        for _ in range(GONE_LISTINGS):
+            new = [(pid, start) for pid, start in self._candidates()
+                   if pid not in self.skipped and (pid, start) not in seen]  # fmt: skip
+            if not new:
+                return True
+            seen.update(new)
+            for pid, start in new:
+                proc = procfs.snapshot(pid)
+                if proc is None or proc.state == "Z" or (start is not None and proc.starttime != start):
+                    continue
+                if self.killer.guard.refusal(proc, in_run=self.run is not None) is None and (
+                    self.run is not None or proc.oom_score_adj == OOM_SCORE_ADJ_MIN
+                ):
+                    return False
+        return False  # still renewing after GONE_LISTINGS listings: not gone
 
     def finish(self, why: str) -> dict:
         """Close the pidfds; end the run if nothing of it is left; tell its

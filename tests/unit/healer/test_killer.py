@@ -129,3 +129,29 @@ def test_an_allowed_system_account_is_swept_too(rig):
     h = rig.healer(processes=lambda: fakes)
     assert [(t.uid, [p.pid for p in t.orphans]) for t in h.select_targets()] == [(33, [106]), (lo, [108])]
     assert h.may_end(fakes[0]) and not h.may_end(fakes[1])
+
+
+def test_a_fork_chain_that_renews_its_pid_while_listed_is_not_gone(tmp_path, fake_cgroupfs, procs, monkeypatch):
+    """Each process a listing names has forked and exited by the time it is
+    checked (a chain under load): one listing never shows the live one, so
+    gone() lists again until a listing shows nobody new."""
+    rig = Rig(tmp_path)
+    chain = [procs.start("exec sleep 1000")[0] for _ in range(3)]
+    listed = fake_cgroupfs / "app" / "run-1" / "cgroup.procs"
+    listed.parent.mkdir()
+    listed.write_text(f"{chain[0].pid}\n")
+    run = add_run(rig.registry, chain[0].pid, cgroup="/app/run-1")
+    real = procfs.snapshot
+
+    def chain_moves_on(pid):
+        for old, new in zip(chain, chain[1:], strict=False):
+            if pid == old.pid:
+                listed.write_text(f"{new.pid}\n")  # it forked the next one and exited
+                return None
+        return real(pid)
+
+    monkeypatch.setattr(procfs, "snapshot", chain_moves_on)
+    kill = killer.Kill(rig.healer().killer, run, NOBODY, "nobody")
+    assert kill.gone() is False  # the third one lives, listed only by the third listing
+    listed.write_text("")
+    assert kill.gone() is True
