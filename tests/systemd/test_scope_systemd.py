@@ -264,3 +264,36 @@ def test_the_sandboxed_daemon_tells_the_runs_terminal_why_it_was_stopped(daemon,
             proc.kill()
         proc.wait(30)
         tty.close()
+
+
+def test_a_refused_scope_falls_back_to_a_plain_cgroup_and_the_run_records_it(daemon, app_user):
+    """systemd refuses a scope whose name is taken: the run then gets a plain
+    leaf under the caller's own cgroup (never no cgroup), and says why."""
+    next_id = json.loads(Path("/var/lib/oomguard/runs.json").read_text())["next_id"]
+    names = [f"oomguard-run-{n}.scope" for n in range(next_id, next_id + 3)]  # an id a refusal used up, too
+    squatters = [subprocess.Popen(["systemd-run", "--quiet", "--scope", f"--unit={name}", "sleep", "300"])
+                 for name in names]  # fmt: skip
+    proc = None
+    try:
+        for name in names:
+            wait_until(lambda name=name: unit_property(name, "ActiveState") == "active", f"the squatter {name}")
+        inner = "echo $$; cat /proc/self/cgroup; exec sleep 60"
+        proc = login(app_user.name, f"{OOM_PROTECT} sh -c {shlex.quote(inner)}")
+        pid_line, cgroup_line = read_lines(proc, 2)
+        pid = int(pid_line)
+        run = next(r for r in runs_as_root() if r["pid"] == pid)
+        assert f"oomguard-run-{run['id']}.scope" in names, (run, names)
+        m = re.fullmatch(rf"0::(/user\.slice/user-{app_user.uid}\.slice/session-[^/]+\.scope)/oomguard-run-(\d+)",
+                         cgroup_line)  # fmt: skip
+        assert m and int(m[2]) == run["id"], f"{cgroup_line!r} is not a plain leaf under the session's scope"
+        assert run["cgroup"] == cgroup_line[3:] and oom_score_adj(pid) == -1000
+        assert run["scope_refused"] and "oomguard-run" in run["scope_refused"], run
+        report = subprocess.run([OOMGUARD, "runs", str(run["id"])], capture_output=True, text=True, timeout=60,
+                                check=True).stdout  # fmt: skip
+        assert "no scope    systemd refused it" in report, report
+    finally:
+        if proc is not None:
+            end(proc)
+        for s in squatters:
+            s.kill()
+            s.wait(30)

@@ -12,6 +12,8 @@ from broker_rig import Rig, ask, ask_as_nobody, connect
 from oomguard.broker import placement
 from oomguard.broker.workers import WorkerPool
 from oomguard.host import procfs, scope
+from oomguard.runs import lifecycle
+from oomguard.runs.views import run_view
 
 
 @pytest.fixture
@@ -136,3 +138,36 @@ def test_a_systemd_placement_runs_off_the_loop_and_the_reply_waits_for_it(rig: R
     s.close()
     assert reply.startswith(b'{"ok": true, "run": 1, "cgroup": "/user.slice/user-0.slice/oomguard-run-1.scope"')
     assert writes == [-1000]
+
+
+def test_a_refused_scope_falls_back_to_a_leaf_cgroup_and_the_run_says_why(rig: Rig, monkeypatch) -> None:
+    monkeypatch.setattr(procfs, "write_oom_score_adj", lambda value, pid="self", dir_fd=None: None)
+    monkeypatch.setattr(placement, "plan", lambda run_id, pid, cg, memory_max=None: placement.Placement(
+        run_id, pid, "/user.slice/user-0.slice/session-1.scope", scope_slice="user-0.slice"))
+    monkeypatch.setattr(scope, "start_scope", lambda *a, **kw: "Unit oomguard-run-1.scope was already loaded")
+    made = []
+
+    def leaf(run_id, pid, parent, memory_max=None):
+        made.append(parent)
+        return f"{parent}/oomguard-run-{run_id}"
+
+    monkeypatch.setattr(lifecycle, "make_cgroup", leaf)
+    b = rig.start(allow_uids=frozenset({os.getuid()}))
+    reply = ask(b.config.socket, {"op": "protect", "v": 1})
+    assert reply["ok"] and reply["cgroup"] == "/user.slice/user-0.slice/session-1.scope/oomguard-run-1", reply
+    assert made == ["/user.slice/user-0.slice/session-1.scope"]  # a plain leaf under the caller's own
+    run = b.granter.registry.get(reply["run"])
+    assert run_view(run)["scope_refused"] == "Unit oomguard-run-1.scope was already loaded"
+
+
+def test_neither_a_scope_nor_a_leaf_is_no_grant(rig: Rig, monkeypatch) -> None:
+    writes = []
+    monkeypatch.setattr(procfs, "write_oom_score_adj", lambda value, pid="self", dir_fd=None: writes.append(value))
+    monkeypatch.setattr(placement, "plan", lambda run_id, pid, cg, memory_max=None: placement.Placement(
+        run_id, pid, "/user.slice/user-0.slice/session-1.scope", scope_slice="user-0.slice"))
+    monkeypatch.setattr(scope, "start_scope", lambda *a, **kw: "Access denied")
+    monkeypatch.setattr(lifecycle, "make_cgroup", lambda run_id, pid, parent, memory_max=None: None)  # the move failed
+    b = rig.start(allow_uids=frozenset({os.getuid()}))
+    reply = ask(b.config.socket, {"op": "protect", "v": 1})
+    assert not reply["ok"] and "systemd refused the run a scope (Access denied)" in reply["error"], reply
+    assert writes == []

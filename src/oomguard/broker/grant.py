@@ -28,7 +28,7 @@ from oomguard.host import cmdline, mm, procfs
 from oomguard.host.pidfd import Pinned
 from oomguard.runs.lifecycle import RunLifecycle, RunRefused
 from oomguard.runs.registry import RunRegistry
-from oomguard.runs.run import BUDGET, Run
+from oomguard.runs.run import BUDGET, SCOPE_REFUSED, Run
 from oomguard.telemetry.reasons import RefusalReason
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,10 @@ class Granter:
         peer, pinned = pending.peer, pending.peer.pinned
         if pinned is None:
             raise Refusal(GONE, RefusalReason.GONE)
-        run = replace(pending.run, cgroup=pending.placement.place())
+        placed = pending.placement.place()
+        run = replace(pending.run, cgroup=placed.cgroup)
+        if placed.scope_refused is not None:  # said on the run, so its owner and the admin see why
+            run = replace(run, extra={**run.extra, SCOPE_REFUSED: placed.scope_refused})
         # Registered before the write, under the registry's lock: the policy
         # checks protection under the same lock, so it can never overwrite
         # the -1000 with a class value it decided a moment earlier.

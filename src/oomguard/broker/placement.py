@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from oomguard.host import cgroups, scope
 from oomguard.runs import lifecycle
@@ -28,6 +29,15 @@ from oomguard.telemetry.reasons import RefusalReason
 log = logging.getLogger(__name__)
 
 systemd_scope_argv = scope.scope_argv  # the request names only the peer's pid
+SCOPE_ERROR_MAX = 300  # of systemd's words kept on the run
+
+
+class Placed(NamedTuple):
+    """Where the run went: its cgroup, and why systemd refused it a scope
+    (None if it got one, or none was asked)."""
+
+    cgroup: str | None
+    scope_refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,26 +54,33 @@ class Placement:
     def slow(self) -> bool:
         return self.scope_slice is not None
 
-    def place(self) -> str | None:
-        """The run's cgroup with the pid moved in, or None for a run without
-        one; RunRefused when a leaf cannot be made (planted, or mkdir fails)."""
+    def place(self) -> Placed:
+        """The run's cgroup with the pid moved in (None for a run without
+        one), and why systemd refused the scope if it did; RunRefused when a
+        leaf cannot be made (planted, or mkdir fails)."""
         if self.caller_cgroup is None:
-            return None
+            return Placed(None)
+        refused = None
         if self.scope_slice is not None:
             name = f"{lifecycle.cgroup_name(self.run_id)}.scope"
-            why = scope.start_scope(name, self.pid, self.scope_slice, f"oom-protect run {self.run_id}",
-                                    memory_max=self.memory_max)  # fmt: skip
-            if why is None:
-                return cgroups.join(self.caller_cgroup.rsplit("/", 1)[0], name)
-            log.warning("run %d: systemd scope failed: %s", self.run_id, why)
+            refused = scope.start_scope(name, self.pid, self.scope_slice, f"oom-protect run {self.run_id}",
+                                        memory_max=self.memory_max)  # fmt: skip
+            if refused is None:
+                return Placed(cgroups.join(self.caller_cgroup.rsplit("/", 1)[0], name))
+            refused = refused[:SCOPE_ERROR_MAX]
+            log.warning("run %d: systemd refused its scope (%s); it gets a plain cgroup instead", self.run_id, refused)
         if self.memory_max is None:
-            return lifecycle.make_cgroup(self.run_id, self.pid, self.caller_cgroup)
+            cg = lifecycle.make_cgroup(self.run_id, self.pid, self.caller_cgroup)
+            if cg is None and refused is not None:  # neither a scope nor a leaf: no grant
+                raise RunRefused(f"systemd refused the run a scope ({refused}), and it could not be moved "
+                                 f"into a cgroup of its own under {self.caller_cgroup}", RefusalReason.ERROR)  # fmt: skip
+            return Placed(cg, refused)
         parent = self._budget_parent()
         cg = lifecycle.make_cgroup(self.run_id, self.pid, parent, memory_max=self.memory_max)
         if cg is None:
             raise RunRefused(f"the run could not be moved into its budgeted cgroup under {parent}",
                              RefusalReason.ERROR)  # fmt: skip
-        return cg
+        return Placed(cg, refused)
 
     def _budget_parent(self) -> str:
         """Where a budgeted run's cgroup goes: beside the caller's, with the

@@ -140,6 +140,10 @@ def render_run_report(report: dict) -> str:
     ]
     if run.get("memory_max") is not None:
         out.append(f"budget      {fmt_size(run['memory_max'])} (oom-protect --memory-max)")
+    if run.get("cgroup"):
+        out.append(f"cgroup      {show(run['cgroup'])}")
+    if run.get("scope_refused"):
+        out.append(f"no scope    systemd refused it ({show(run['scope_refused'])}): a plain cgroup instead")
     if not report["running"]:
         out.append(f"ended       {fmt_time(run['ended'])} by {show(report['ended_by'])}, "
                    f"exit status {run.get('exit_status', '-')}")  # fmt: skip

@@ -52,9 +52,15 @@ def follows(run: Run) -> bool:
     return not run.cgroup or bool(run.extra.get(FOLLOW))
 
 
+SCOPE_REFUSED = "scope_refused"  # Run.extra: why systemd refused the run a scope (it got a plain cgroup)
 BUDGET = "memory_max"  # Run.extra: the run's memory budget in bytes (oom-protect --memory-max)
 
 
 def budget_of(run: Run) -> int | None:
     value = run.extra.get(BUDGET)
     return value if isinstance(value, int) else None
+
+
+def scope_refusal(run: Run) -> str | None:
+    value = run.extra.get(SCOPE_REFUSED)
+    return value if isinstance(value, str) else None

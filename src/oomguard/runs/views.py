@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from oomguard.runs.run import Run, budget_of
+from oomguard.runs.run import Run, budget_of, scope_refusal
 
 
 def run_view(run: Run) -> dict:
@@ -20,4 +20,5 @@ def run_view(run: Run) -> dict:
         "peak_memory": run.peak_memory,
         "end_reason": run.end_reason,
         "memory_max": budget_of(run),  # its budget (oom-protect --memory-max), None for none
+        "scope_refused": scope_refusal(run),  # why systemd refused a scope, None if not refused
     }
