@@ -100,15 +100,21 @@ cg = open("/proc/self/cgroup").read().strip().split("::")[-1]
 print(f"started: pid {os.getpid()}, oom_score_adj {adj}, cgroup {cg}", flush=True)
 
 def killable_left():
-    for pid in open(app + "/cgroup.procs").read().split():
+    # the whole app cgroup: under systemd its processes live in the units' cgroups below it
+    for d, _, _ in os.walk(app):
         try:
-            st = open(f"/proc/{pid}/stat").read()
-            if st[st.rindex(")") + 2] == "Z":
-                continue
-            if int(open(f"/proc/{pid}/oom_score_adj").read()) > -1000:
-                return True
-        except (OSError, ValueError):
+            pids = open(d + "/cgroup.procs").read().split()
+        except OSError:
             continue
+        for pid in pids:
+            try:
+                st = open(f"/proc/{pid}/stat").read()
+                if st[st.rindex(")") + 2] == "Z":
+                    continue
+                if int(open(f"/proc/{pid}/oom_score_adj").read()) > -1000:
+                    return True
+            except (OSError, ValueError):
+                continue
     return False
 
 data = []
@@ -122,7 +128,8 @@ while True:
 print(f"loaded all {len(data) * chunk >> 20} MiB; writing the results", flush=True)
 # An import lets go of its load buffers before it writes. Here it also
 # matters: at the limit with only -1000 tasks left, any page fault (its own
-# exit faulting code back in on a loaded host) spins as in Case B.
+# exit faulting code back in on a loaded host, systemd's ExecStopPost of a
+# stopped unit) spins as in Case B.
 del data[-((32 << 20) // chunk):]  # 32 MiB, each chunk its own mmap, unmapped now
 time.sleep(1.0)
 print("done", flush=True)
@@ -430,6 +437,114 @@ class CaseResult:
 # the scenario
 
 
+def tick_sample(st: dict, now: float, t0: float, prev: tuple[float, int] | None) -> tuple[dict, tuple[float, int]]:
+    """One sample of the healer loop's counters from its status, with the
+    tick period since ``prev`` (monotonic time, ticks); and the next prev."""
+    loop = st["loop"]
+    sample = {"t": round(now - t0, 2), "ticks": loop["ticks"], "last_tick_seconds": loop["last_tick_seconds"],
+              "max_tick_seconds": loop["max_tick_seconds"], "livelock": st["livelock"]["active"],
+              "phase": st["phase"]}  # fmt: skip
+    if prev is not None and loop["ticks"] > prev[1]:
+        sample["period"] = round((now - prev[0]) / (loop["ticks"] - prev[1]), 3)
+    return sample, (now, loop["ticks"])
+
+
+class CaseWatch:
+    """What a case's watch loop follows in both guests, each round turned
+    into timeline steps as it comes: the import's output, our probe's
+    verdicts, the kernel log's kills and the daemon's events. ``victim`` is
+    the case's own (it says what the import is doing)."""
+
+    def __init__(self, tl: Timeline, prober: Prober, kmsg: KmsgFollower, res: CaseResult,
+                 victim: Callable[..., None]) -> None:  # fmt: skip
+        self.tl, self.prober, self.kmsg, self.res, self.victim = tl, prober, kmsg, res, victim
+        self.out_lines: list[tuple[float, str]] = []  # appended by the case's reader thread
+        self._printed = 0
+        self._probed = 0
+        self._shop_up = True
+        self.down_at: float | None = None
+        self.up_again_at: float | None = None
+        self._seen_ids: set[int] = set()
+        self.recovered = False
+
+    def follow_output(self, proc: subprocess.Popen, at_end: Callable[[], None] | None = None) -> threading.Thread:
+        """A thread that reads ``proc``'s output into ``out_lines``, waits
+        for it, then calls ``at_end``."""
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.out_lines.append((time.monotonic(), line.rstrip("\n")))
+            proc.wait()
+            if at_end is not None:
+                at_end()
+
+        t = threading.Thread(target=read, daemon=True, name="flagship-output")
+        t.start()
+        return t
+
+    def output(self) -> None:
+        while self._printed < len(self.out_lines):
+            t, line = self.out_lines[self._printed]
+            self._printed += 1
+            self.tl.at(t - self.tl.t0, f"import: {line}", "import")
+
+    def probes(self) -> None:
+        tl = self.tl
+        while self._probed < len(self.prober.results):
+            t, ok, detail = self.prober.results[self._probed]
+            self._probed += 1
+            if self._shop_up and not ok:
+                self._shop_up = False
+                if self.down_at is None:
+                    self.down_at = t - tl.t0
+                    tl.at(self.down_at, f"our probe: shop DOWN ({detail})", "probe")
+            elif not self._shop_up and ok:
+                self._shop_up = True
+                if self.down_at is not None and self.up_again_at is None:
+                    self.up_again_at = t - tl.t0
+                    tl.at(self.up_again_at, f"our probe: shop answers again ({detail}); down for "
+                                            f"{self.up_again_at - self.down_at:.1f}s", "probe")  # fmt: skip
+
+    def kernel(self) -> None:
+        """The kernel log's kills and its "no killable processes"; a flood
+        that overran our reader counts as the latter."""
+        recs, skipped = self.kmsg.read()
+        for t, text in recs:
+            if m := KILLED.search(text):
+                self.victim(t - self.tl.t0, int(m["pid"]), m["comm"], int(m["uid"]), int(m["adj"]),
+                            int(m["anon"]), "kmsg")  # fmt: skip
+            elif NO_KILLABLE in text and not self.res.kmsg_no_killable:
+                self.res.kmsg_no_killable = True
+                self.tl.at(t - self.tl.t0, f'kernel: "{NO_KILLABLE}" (on every retry)', "kernel")
+        if skipped:
+            self.res.kmsg_no_killable = True
+
+    def daemon_events(self, rows: list[dict], import_pid: int) -> list[dict]:
+        """The daemon's events not seen before, on the timeline; returns them."""
+        tl, new = self.tl, []
+        for e in rows:
+            if e["id"] in self._seen_ids:
+                continue
+            self._seen_ids.add(e["id"])
+            new.append(e)
+            d = e["data"]
+            if e["kind"] == "oom_kill" and d.get("victim_pid") is not None:
+                # the same kernel report, as oomguard parsed it (ours may have
+                # scrolled away in the flood that follows the last kill)
+                t_k = (d["ts_usec"] / 1e6 + self.kmsg.offset - tl.t0 if d.get("ts_usec")
+                       else e["ts"] - tl.wall0)  # fmt: skip
+                self.victim(t_k, d["victim_pid"], d.get("victim_comm") or "?", d.get("victim_uid"),
+                            d.get("oom_score_adj"), d.get("anon_rss_kb") or 0, "oomguard")  # fmt: skip
+            for text in describe(e, tl.wall0, import_pid):
+                tl.at_wall(e["ts"], text, "oomguard")
+            if e["kind"] == "healer" and d.get("action") == "down":
+                tl.at_wall(d["since"] + d["grace"], f"the {d['grace']:g}s grace expires", "oomguard")
+            if e["kind"] == "healer" and d.get("action") == "recovered":
+                self.recovered = True
+        return new
+
+
 class Flagship:
     """The app cgroup, the shop inside it and the daemon; ``run_case`` plays
     one case. A context manager: everything is stopped and removed after."""
@@ -568,18 +683,26 @@ failures = 2
             for name in ("mariadbd", "php-fpm", "nginx"):
                 if not self.shop.pids()[name]:
                     self.shop.start_service(name, timeout=60)
+        self.wait_ready(deadline)
+
+    def shop_ready(self, pids: dict[str, list[int]]) -> bool:
+        """What the case needs of the shop's processes beyond MariaDB's -1000."""
+        return True
+
+    def wait_ready(self, deadline: float) -> None:
+        assert self.shop is not None
         while True:
             pids = self.shop.pids()
             db = pids["mariadbd"][0] if pids["mariadbd"] else None
             st = self.healer_status()
             ok = (self.shop.healthy(timeout=5) and db is not None and read_adj(db) == -1000
-                  and st["phase"] == "watching" and not st["down"]
+                  and self.shop_ready(pids) and st["phase"] == "watching" and not st["down"]
                   and st["checks"]["shop"]["healthy"] is True)  # fmt: skip
             if ok:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready: pids {pids}, mariadbd adj {db and read_adj(db)}, "
-                                   f"healer {st['phase']} down={st['down']} {st['checks']}")  # fmt: skip
+                raise AssertionError(f"not ready: pids {pids}, mariadbd adj {db and read_adj(db)}, "
+                                     f"healer {st['phase']} down={st['down']} {st['checks']}")  # fmt: skip
             time.sleep(0.25)
 
     # ---------------------------------------------------------------- a case
@@ -613,9 +736,6 @@ failures = 2
         prober = Prober(shop)
         prober.start()
         since = tl.wall0  # nothing before is ours (the import starts after)
-        seen_ids: set[int] = set()
-        events: list[dict] = []
-        out_lines: list[tuple[float, str]] = []
         env = {"HOME": self.user.pw_dir, "USER": APP_USER, "LOGNAME": APP_USER, "LANG": "C.UTF-8",
                "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OOMGUARD_SOCKET": self.daemon.socket}  # fmt: skip
         # a shell enters the app cgroup, then execs (same pid): setpriv -> oom-protect -> python
@@ -627,16 +747,6 @@ failures = 2
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
         res.import_pid = proc.pid
         exited_at: list[float] = []
-
-        def read_output() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                out_lines.append((time.monotonic(), line.rstrip("\n")))
-            proc.wait()
-            exited_at.append(time.monotonic())
-
-        reader = threading.Thread(target=read_output, daemon=True)
-        reader.start()
 
         def victim(t: float, pid: int, comm: str, uid: int | None, adj: int | None, anon_kb: int,
                    source: str) -> None:  # fmt: skip
@@ -651,63 +761,30 @@ failures = 2
                    f"import (pid {proc.pid}, oom_score_adj {adj_now if adj_now is not None else -1000}) keeps going")  # fmt: skip
             tl.at(t, f"kernel OOM-killed {comm} (pid {pid}, oom_score_adj {adj}); {imp}", "kernel")
 
+        watch = CaseWatch(tl, prober, kmsg, res, victim)
+        reader = watch.follow_output(proc, lambda: exited_at.append(time.monotonic()))
+
         # ---- watch until the shop is back after the healer acted (or the time-out)
-        printed_out = 0
-        probe_seen = 0
         log = LogTail(self.daemon.log)
-        shop_up = True
-        down_at: float | None = None
-        up_again_at: float | None = None
         known = {k: set(v) for k, v in pids0.items()}
         mem_prev: tuple[float, dict] | None = None
         flat_since: tuple[float, dict] | None = None
         tick_prev: tuple[float, int] | None = None
         next_slow = 0.0
-        flood_noted = False
-        recovered = False
         deadline = time.monotonic() + CASE_TIMEOUT
         while time.monotonic() < deadline:
             now = time.monotonic()
-            # the import's output
-            while printed_out < len(out_lines):
-                t, line = out_lines[printed_out]
-                printed_out += 1
-                tl.at(t - tl.t0, f"import: {line}", "import")
+            watch.output()
             if exited_at and not any(s.source == "import-exit" for s in tl.steps):
                 res.import_status = proc.returncode
                 tl.at(exited_at[0] - tl.t0, f"import (pid {proc.pid}) ended: {exit_text(proc.returncode)}",
                       "import-exit")  # fmt: skip
-            # our probe of the shop
-            while probe_seen < len(prober.results):
-                t, ok, detail = prober.results[probe_seen]
-                probe_seen += 1
-                if shop_up and not ok:
-                    shop_up = False
-                    if down_at is None:
-                        down_at = t - tl.t0
-                        tl.at(down_at, f"our probe: shop DOWN ({detail})", "probe")
-                elif not shop_up and ok:
-                    shop_up = True
-                    if down_at is not None and up_again_at is None:
-                        up_again_at = t - tl.t0
-                        tl.at(up_again_at, f"our probe: shop answers again ({detail}); down for "
-                                           f"{up_again_at - down_at:.1f}s", "probe")  # fmt: skip
+            watch.probes()
             # the daemon's decisions that have no event of their own (read as they are logged)
             for line in log.read():
                 if text := decision(line):
                     tl.add(text, "oomguard")
-            # the kernel log
-            recs, skipped = kmsg.read()
-            for t, text in recs:
-                if m := KILLED.search(text):
-                    victim(t - tl.t0, int(m["pid"]), m["comm"], int(m["uid"]), int(m["adj"]),
-                           int(m["anon"]), "kmsg")  # fmt: skip
-                elif NO_KILLABLE in text and not res.kmsg_no_killable:
-                    res.kmsg_no_killable = True
-                    tl.at(t - tl.t0, f"kernel: \"{NO_KILLABLE}\" (on every retry)", "kernel")
-            if skipped and not flood_noted:
-                flood_noted = True
-                res.kmsg_no_killable = True
+            watch.kernel()
             if now >= next_slow:
                 next_slow = now + 0.5
                 # the shop's processes: who is back
@@ -745,39 +822,12 @@ failures = 2
                 except DaemonError as e:
                     rows, st = [], None
                     tl.add(f"(cannot reach the daemon: {e})", "oomguard")
-                for e in rows:
-                    if e["id"] in seen_ids:
-                        continue
-                    seen_ids.add(e["id"])
-                    events.append(e)
-                    d = e["data"]
-                    if e["kind"] == "oom_kill" and d.get("victim_pid") is not None:
-                        # the same kernel report, as oomguard parsed it (ours may have
-                        # scrolled away in the flood that follows the last kill)
-                        t_k = (d["ts_usec"] / 1e6 + kmsg.offset - tl.t0 if d.get("ts_usec")
-                               else e["ts"] - tl.wall0)  # fmt: skip
-                        victim(t_k, d["victim_pid"], d.get("victim_comm") or "?",
-                               d.get("victim_uid"), d.get("oom_score_adj"), d.get("anon_rss_kb") or 0,
-                               "oomguard")  # fmt: skip
-                    for text in describe(e, tl.wall0, proc.pid):
-                        tl.at_wall(e["ts"], text, "oomguard")
-                    if e["kind"] == "healer" and e["data"].get("action") == "down":
-                        expiry = e["data"]["since"] + e["data"]["grace"]
-                        tl.at_wall(expiry, f"the {e['data']['grace']:g}s grace expires", "oomguard")
-                    if e["kind"] == "healer" and e["data"].get("action") == "recovered":
-                        recovered = True
+                watch.daemon_events(rows, proc.pid)
                 if st is not None:
-                    loop = st["loop"]
-                    sample = {"t": round(now - tl.t0, 2), "ticks": loop["ticks"],
-                              "last_tick_seconds": loop["last_tick_seconds"],
-                              "max_tick_seconds": loop["max_tick_seconds"],
-                              "livelock": st["livelock"]["active"], "phase": st["phase"]}  # fmt: skip
-                    if tick_prev is not None and loop["ticks"] > tick_prev[1]:
-                        sample["period"] = round((now - tick_prev[0]) / (loop["ticks"] - tick_prev[1]), 3)
-                    tick_prev = (now, loop["ticks"])
+                    sample, tick_prev = tick_sample(st, now, tl.t0, tick_prev)
                     res.tick_samples.append(sample)
             tl.flush()
-            if recovered and exited_at and up_again_at is not None:
+            if watch.recovered and exited_at and watch.up_again_at is not None:
                 res.finished = True
                 break
             time.sleep(0.1)
@@ -791,7 +841,7 @@ failures = 2
                 os.kill(proc.pid, signal.SIGKILL)
             reader.join(10)
         res.import_status = proc.returncode
-        res.import_output = [line for _, line in out_lines]
+        res.import_output = [line for _, line in watch.out_lines]
         time.sleep(0.6)  # the reaper (0.5 s) ends the run
         # a restart try's event is stored when its commands return, which can be
         # a moment after the first healthy probe
@@ -810,7 +860,7 @@ failures = 2
         res.mariadb_pid_after = pids1["mariadbd"][0] if pids1["mariadbd"] else None
         res.mariadb_alive = alive(db)
         res.healthy_at_end = shop.healthy(timeout=5)
-        res.figures = self.figures(res, tl, down_at, up_again_at,
+        res.figures = self.figures(res, tl, watch.down_at, watch.up_again_at,
                                    exited_at[0] - tl.t0 if exited_at else None)  # fmt: skip
         tl.flush(force=True)
         res.steps = tl.sorted()

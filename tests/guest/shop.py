@@ -137,6 +137,22 @@ http {{
 """
 
 
+def answers(port: int, expected_body: str, timeout: float = 2) -> bool:
+    """Whether the shop on ``port`` answers 200 with ``expected_body`` in the
+    page (http.client, not urllib: urllib would honour http_proxy)."""
+    import http.client  # here: it costs the restart CLI ~0.3 s under TCG
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/index.php")
+        resp = conn.getresponse()
+        return resp.status == 200 and expected_body in resp.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 class ShopError(RuntimeError):
     pass
 
@@ -314,19 +330,8 @@ class Shop:
     # ---- looking at it --------------------------------------------------
 
     def healthy(self, timeout: float = 2) -> bool:
-        """Does the page answer 200 with the marker and the token from MariaDB?
-        (http.client, not urllib: urllib would honour http_proxy.)"""
-        import http.client  # here: it costs the restart CLI ~0.3 s under TCG
-
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", "/index.php")
-            resp = conn.getresponse()
-            return resp.status == 200 and self.expected_body in resp.read().decode(errors="replace")
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
+        """Does the page answer 200 with the marker and the token from MariaDB?"""
+        return answers(self.port, self.expected_body, timeout)
 
     def pids(self) -> dict[str, list[int]]:
         """Live pids: "mariadbd", "php-fpm" and "nginx" (the masters, [] or [pid])

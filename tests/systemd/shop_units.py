@@ -23,7 +23,6 @@ units' MainPID and cgroups instead of pid files.
 from __future__ import annotations
 
 import errno
-import http.client
 import os
 import secrets
 import select
@@ -38,21 +37,22 @@ from pathlib import Path
 from flagship import (
     CASE_TIMEOUT,
     CHUNK,
-    KILLED,
-    NO_KILLABLE,
+    IMPORT_PY,
     OOM_PROTECT,
     PY,
     CaseResult,
+    CaseWatch,
     Flagship,
     KmsgFollower,
     Prober,
     Timeline,
     _one,
     alive,
-    describe,
     flat_keyed,
     read_adj,
+    tick_sample,
 )
+from shop import answers
 from systemd_tools import cgroup_of, run, systemctl, wait_until
 
 from oomguard.cli.client import DEFAULT_SOCKET, DaemonError, request
@@ -207,15 +207,7 @@ GRANT SELECT ON {DB}.* TO '{DB_USER}'@'127.0.0.1';
     # ---- looking at it
 
     def healthy(self, timeout: float = 2) -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", "/index.php")
-            resp = conn.getresponse()
-            return resp.status == 200 and self.expected_body in resp.read().decode(errors="replace")
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
+        return answers(self.port, self.expected_body, timeout)
 
     def pids(self) -> dict[str, list[int]]:
         """As Shop.pids(): the masters ("mariadbd", "php-fpm", "nginx": [] or
@@ -278,52 +270,6 @@ def units_state(units: tuple[str, ...] = SERVICES) -> dict[str, dict[str, str]]:
 # =============================================================================
 # the scenario on the units
 
-# The plain guest's import, but "anything killable left" looks at the whole
-# app slice (its processes live in the units' cgroups below it, not in it),
-# and in Case A it frees a buffer before it finishes (see there).
-IMPORT_PY = r"""
-import os, signal, sys, time
-mode, app, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if mode == "stall":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # like an import stuck in the kernel
-adj = open("/proc/self/oom_score_adj").read().strip()
-cg = open("/proc/self/cgroup").read().strip().split("::")[-1]
-print(f"started: pid {os.getpid()}, oom_score_adj {adj}, cgroup {cg}", flush=True)
-
-def killable_left():
-    for d, _, _ in os.walk(app):
-        try:
-            pids = open(d + "/cgroup.procs").read().split()
-        except OSError:
-            continue
-        for pid in pids:
-            try:
-                st = open(f"/proc/{pid}/stat").read()
-                if st[st.rindex(")") + 2] == "Z":
-                    continue
-                if int(open(f"/proc/{pid}/oom_score_adj").read()) > -1000:
-                    return True
-            except (OSError, ValueError):
-                continue
-    return False
-
-data = []
-step = (64 << 20) // chunk
-while True:
-    data.append(b"\x01" * chunk)  # memset: every page is touched now
-    if len(data) % step == 0:
-        print(f"loaded {len(data) * chunk >> 20} MiB", flush=True)
-    if mode == "finish" and not killable_left():
-        break
-print(f"loaded all {len(data) * chunk >> 20} MiB; writing the results", flush=True)
-# An import lets go of its load buffers before it writes. Here it also
-# matters: at the limit with only -1000 tasks left, any page fault (its own
-# exit faulting code back in, systemd's ExecStopPost of a stopped unit) would
-# spin as in Case B, while the plain guest's last victims leave that room.
-del data[-64:]  # 32 MiB of 512 KiB chunks: each its own mmap, unmapped now
-time.sleep(1.0)
-print("done", flush=True)
-"""
 
 
 def ask(op: str, **fields) -> dict:
@@ -371,21 +317,10 @@ class UnitFlagship(Flagship):
         class value, and the healer is watching with no incident open."""
         deadline = time.monotonic() + timeout
         reclaim_page_cache()
-        while True:
-            pids = self.shop.pids()
-            db = pids["mariadbd"][0] if pids["mariadbd"] else None
-            st = self.healer_status()
-            ok = (self.shop.healthy(timeout=5) and db is not None and read_adj(db) == -1000
-                  and len(pids["php-fpm-workers"]) >= 4
-                  and all(read_adj(p) == 200 for p in pids["php-fpm-workers"])
-                  and st["phase"] == "watching" and not st["down"]
-                  and st["checks"]["shop"]["healthy"] is True)  # fmt: skip
-            if ok:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not ready: pids {pids}, mariadbd adj {db and read_adj(db)}, "
-                                     f"healer {st['phase']} down={st['down']} {st['checks']}")  # fmt: skip
-            time.sleep(0.25)
+        self.wait_ready(deadline)
+
+    def shop_ready(self, pids: dict[str, list[int]]) -> bool:
+        return len(pids["php-fpm-workers"]) >= 4 and all(read_adj(p) == 200 for p in pids["php-fpm-workers"])
 
     def login(self, mode: str, scope_name: str) -> tuple[subprocess.Popen, int]:
         """shopuser logs in (runuser -l: PAM, pam_systemd, a logind session in
@@ -457,8 +392,6 @@ class UnitFlagship(Flagship):
         sampler = MemoryEventsSampler(self.app_dir / "memory.events")
         sampler.start()
         since = tl.wall0
-        seen_ids: set[int] = set()
-        out_lines: list[tuple[float, str]] = []
         # the import is the login shell's pid (runuser's child): its end is
         # when its pidfd turns readable, watched in a thread of its own
         import_gone: list[float] = []
@@ -475,15 +408,6 @@ class UnitFlagship(Flagship):
         login.stdin.write("go\n")
         login.stdin.flush()
 
-        def read_output() -> None:
-            assert login.stdout is not None
-            for line in login.stdout:
-                out_lines.append((time.monotonic(), line.rstrip("\n")))
-            login.wait()
-
-        reader = threading.Thread(target=read_output, daemon=True)
-        reader.start()
-
         def victim(t: float, pid: int, comm: str, uid: int | None, adj: int | None, anon_kb: int,
                    source: str) -> None:  # fmt: skip
             if any(v["pid"] == pid for v in res.victims):
@@ -497,54 +421,18 @@ class UnitFlagship(Flagship):
             )
             tl.at(t, f"kernel OOM-killed {comm} (pid {pid}, oom_score_adj {adj}); {imp}", "kernel")
 
-        probe_seen = 0
-        printed_out = 0
-        shop_up = True
-        down_at: float | None = None
-        up_again_at: float | None = None
+        watch = CaseWatch(tl, prober, kmsg, res, victim)
+        reader = watch.follow_output(login)
         unit_prev = {u: (s["ActiveState"], s["MainPID"]) for u, s in res.units_before.items()}
         next_slow = 0.0
-        recovered = False
         deadline = time.monotonic() + CASE_TIMEOUT
         while time.monotonic() < deadline:
             now = time.monotonic()
-            while printed_out < len(out_lines):
-                t, line = out_lines[printed_out]
-                printed_out += 1
-                tl.at(t - tl.t0, f"import: {line}", "import")
+            watch.output()
             if import_gone and not any(st.source == "import-exit" for st in tl.steps):
                 tl.at(import_gone[0] - tl.t0, f"import (pid {import_pid}) gone", "import-exit")
-            while probe_seen < len(prober.results):
-                t, ok, detail = prober.results[probe_seen]
-                probe_seen += 1
-                if shop_up and not ok:
-                    shop_up = False
-                    if down_at is None:
-                        down_at = t - tl.t0
-                        tl.at(down_at, f"our probe: shop DOWN ({detail})", "probe")
-                elif not shop_up and ok:
-                    shop_up = True
-                    if down_at is not None and up_again_at is None:
-                        up_again_at = t - tl.t0
-                        tl.at(up_again_at, f"our probe: shop answers again ({detail}); down for "
-                                           f"{up_again_at - down_at:.1f}s", "probe")  # fmt: skip
-            recs, skipped = kmsg.read()
-            for t, text in recs:
-                if m := KILLED.search(text):
-                    victim(
-                        t - tl.t0,
-                        int(m["pid"]),
-                        m["comm"],
-                        int(m["uid"]),
-                        int(m["adj"]),
-                        int(m["anon"]),
-                        "kmsg",
-                    )
-                elif NO_KILLABLE in text and not res.kmsg_no_killable:
-                    res.kmsg_no_killable = True
-                    tl.at(t - tl.t0, f'kernel: "{NO_KILLABLE}" (on every retry)', "kernel")
-            if skipped:
-                res.kmsg_no_killable = True
+            watch.probes()
+            watch.kernel()
             if now >= next_slow:
                 next_slow = now + 0.5
                 # systemd's view of the units: stopped after an OOM kill, started again
@@ -560,27 +448,8 @@ class UnitFlagship(Flagship):
                 except DaemonError as e:
                     rows = []
                     tl.add(f"(cannot reach the daemon: {e})", "oomguard")
-                for e in rows:
-                    if e["id"] in seen_ids:
-                        continue
-                    seen_ids.add(e["id"])
-                    d = e["data"]
-                    if e["kind"] == "oom_kill" and d.get("victim_pid") is not None:
-                        t_k = (d["ts_usec"] / 1e6 + kmsg.offset - tl.t0 if d.get("ts_usec")
-                               else e["ts"] - tl.wall0)  # fmt: skip
-                        victim(t_k, d["victim_pid"], d.get("victim_comm") or "?", d.get("victim_uid"),
-                               d.get("oom_score_adj"), d.get("anon_rss_kb") or 0, "oomguard")  # fmt: skip
-                    for text in describe(e, tl.wall0, import_pid):
-                        tl.at_wall(e["ts"], text, "oomguard")
-                    if e["kind"] == "healer" and d.get("action") == "down":
-                        tl.at_wall(
-                            d["since"] + d["grace"],
-                            f"the {d['grace']:g}s grace expires",
-                            "oomguard",
-                        )
-                    if e["kind"] == "healer" and d.get("action") == "recovered":
-                        recovered = True
-            if recovered and import_gone and up_again_at is not None:
+                watch.daemon_events(rows, import_pid)
+            if watch.recovered and import_gone and watch.up_again_at is not None:
                 res.finished = True
                 break
             time.sleep(0.1)
@@ -604,7 +473,7 @@ class UnitFlagship(Flagship):
         os.close(pidfd)  # its watcher has returned
         reader.join(60)
         res.login_status = login.poll()
-        res.import_output = [line for _, line in out_lines]
+        res.import_output = [line for _, line in watch.out_lines]
 
         # the run's end is recorded by the daemon's reaper; a restart try's
         # event once its commands return (can be just after the first healthy probe)
@@ -631,7 +500,7 @@ class UnitFlagship(Flagship):
         res.mariadb_alive = alive(db)
         res.healthy_at_end = shop.healthy(timeout=5)
         res.figures = self.figures(
-            res, tl, down_at, up_again_at, import_gone[0] - tl.t0 if import_gone else None
+            res, tl, watch.down_at, watch.up_again_at, import_gone[0] - tl.t0 if import_gone else None
         )
         res.figures["limit_mib"] = self.limit >> 20
         tl.flush(force=True)
@@ -677,14 +546,7 @@ class StatusSampler(threading.Thread):
                 st = None
             now = time.monotonic()
             if st is not None:
-                loop = st["loop"]
-                sample = {"t": round(now - self.t0, 2), "ticks": loop["ticks"],
-                          "last_tick_seconds": loop["last_tick_seconds"],
-                          "max_tick_seconds": loop["max_tick_seconds"],
-                          "livelock": st["livelock"]["active"], "phase": st["phase"]}  # fmt: skip
-                if prev is not None and loop["ticks"] > prev[1]:
-                    sample["period"] = round((now - prev[0]) / (loop["ticks"] - prev[1]), 3)
-                prev = (now, loop["ticks"])
+                sample, prev = tick_sample(st, now, self.t0, prev)
                 self.samples.append(sample)
             self.stop.wait(self.interval)
 
