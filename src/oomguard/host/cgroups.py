@@ -284,16 +284,18 @@ def pressure(cgroup: str, resource: str = "memory") -> str | None:
         return None
 
 
+def lineage(cgroup: str) -> list[str]:
+    """The cgroup and each of its parents up to (not including) the root,
+    innermost first: [] for the root."""
+    parts = [p for p in cgroup.strip("/").split("/") if p]
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 def effective_memory_limit(cgroup: str) -> int | None:
     """The tightest memory.max on the way from the cgroup to the root: the
     limit an OOM in this cgroup's subtree is scaled by."""
-    best = None
-    parts = normalize(cgroup).strip("/").split("/") if cgroup.strip("/") else []
-    for i in range(len(parts), 0, -1):
-        limit = memory_max("/" + "/".join(parts[:i]))
-        if limit is not None and (best is None or limit < best):
-            best = limit
-    return best
+    limits = [x for cg in lineage(normalize(cgroup)) if (x := memory_max(cg)) is not None]
+    return min(limits, default=None)
 
 
 def unit_of(cgroup: str | None, *, check_owner: bool = True) -> str | None:

@@ -74,7 +74,7 @@ class Adoption:
         inside: dict[str, list[procfs.Proc]] = {}
         for p in procs:
             if p.cgroup:
-                for cg in _self_and_ancestors(p.cgroup):
+                for cg in cgroups.lineage(p.cgroup):
                     if RUN_CGROUP.fullmatch(cg.rsplit("/", 1)[-1]):
                         inside.setdefault(cg, []).append(p)
                         break
@@ -108,11 +108,6 @@ class Adoption:
                 self.registry.add_member(member.key, run.id)
             adopted.append(run)
         return adopted
-
-
-def _self_and_ancestors(cgroup: str) -> list[str]:
-    parts = [x for x in cgroup.strip("/").split("/") if x]
-    return ["/" + "/".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _descendants(root: procfs.Proc, loose: dict[int, procfs.Proc]) -> list[procfs.Proc]:

@@ -38,12 +38,6 @@ class ReadOnlyRegistry(RuntimeError):
     """A change was asked of a registry opened only to read."""
 
 
-def _ancestors(cgroup: str) -> list[str]:
-    """The cgroup and each parent up to (not including) the root."""
-    parts = cgroup.strip("/").split("/")
-    return ["/" + "/".join(parts[:i]) for i in range(len(parts), 0, -1) if parts[0]]
-
-
 class RunRegistry:
     """Thread-safe. Changes are written atomically to ``path``: at once by
     default, or, with ``deferred``, by whoever calls ``flush`` (the daemon's
@@ -326,7 +320,7 @@ class RunRegistry:
         with self._lock:
             rid = self._by_key.get((pid, starttime))
             if rid is None and cgroup:
-                for cg in _ancestors(cgroup):
+                for cg in cgroups.lineage(cgroup):
                     rid = self._by_cgroup.get(cg)
                     if rid is not None:
                         break
