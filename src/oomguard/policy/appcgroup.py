@@ -7,10 +7,10 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from oomguard.host import cgroups, procfs
 from oomguard.policy.resolver import Resolver
+from oomguard.policy.stats import EnforcerStats
 from oomguard.runs.registry import RunRegistry
 
 log = logging.getLogger("oomguard.policy.enforcer")  # one logger for the enforcer's parts
@@ -24,7 +24,7 @@ class AppPlacement:
     app_cgroup: str | None
     app_uid: int | None
     dry_run: bool
-    stats: Any  # EnforcerStats
+    stats: EnforcerStats
     _resolver: Callable[..., Resolver]
 
     def place(self, pid: int) -> bool:

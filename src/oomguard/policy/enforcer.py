@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from oomguard.config import Config, PolicyClass
@@ -34,6 +33,7 @@ from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
 from oomguard.policy.pending import MISSING, Pending, PendingQueue
 from oomguard.policy.resolver import Resolver
 from oomguard.policy.rules import classes_for
+from oomguard.policy.stats import EnforcerStats
 from oomguard.policy.walks import Walks
 from oomguard.policy.writes import apply
 from oomguard.runs.lifecycle import RunLifecycle
@@ -49,20 +49,6 @@ PENDING_MAX = 20_000
 BATCH = 256  # looks per hold of the lock, so that events get in between
 BATCH_GAP = 0.025  # in a storm, one batch per this at most, not one wakeup per process
 IDLE_WAKE = 1.0  # nothing queued: the upkeep thread only checks for its stop
-
-
-@dataclass
-class EnforcerStats:
-    events: int = 0
-    polls: int = 0
-    writes: int = 0
-    errors: int = 0
-    placed: int = 0
-    place_errors: int = 0
-    looks: int = 0  # processes looked at (a /proc snapshot each)
-    dropped: int = 0  # exited before their look was due: nothing read
-    resyncs: int = 0  # walks of all of /proc
-    lost: int = 0  # times the connector said events were lost
 
 
 class Enforcer(Walks, AppPlacement):

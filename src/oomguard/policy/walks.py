@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from oomguard.config import PolicyClass
 from oomguard.host import procfs
 from oomguard.host.proctable import ProcTable
 from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
 from oomguard.policy.resolver import Resolver
+from oomguard.policy.stats import EnforcerStats
 from oomguard.policy.writes import apply
 from oomguard.runs.lifecycle import RunLifecycle
 from oomguard.runs.registry import RunRegistry
@@ -41,7 +41,7 @@ class Walks:
     dry_run: bool
     app_cgroup: str | None
     full_sweep_every: int
-    stats: Any  # EnforcerStats
+    stats: EnforcerStats
     classes: tuple[PolicyClass, ...]
     _record: Callable[[list[Change]], None]
     _place: Callable[[procfs.Proc], bool]
