@@ -19,6 +19,7 @@ from dataclasses import dataclass
 PROC = os.environ.get("OOMGUARD_PROC", "/proc")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+OOM_SCORE_ADJ_MIN = -1000  # the OOM killer never picks a process at this value
 
 
 
@@ -288,6 +289,43 @@ def snapshot(pid: int) -> Proc | None:
             cgroup=read_cgroup(dir_fd=fd),
             tty_nr=st.tty_nr,
         )
+    except (*GONE, PermissionError, ValueError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Glance:
+    """What `status` shows of a process, read now."""
+
+    pid: int
+    starttime: int
+    uid: int  # real uid
+    comm: str
+    rss_kb: int
+    oom_score_adj: int
+    cgroup: str | None
+
+
+def glance(pid: int, starttime: int | None = None, oom_score_adj: int | None = None) -> Glance | None:
+    """Process ``pid`` now, through one dir fd; None if it is gone, or is no
+    longer (pid, ``starttime``) or at ``oom_score_adj`` when those are given.
+    stat and oom_score_adj are read first, so a candidate that is no longer
+    one costs two reads; kernel threads are not told apart (none is asked)."""
+    try:
+        fd = open_dir(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+    try:
+        st = read_stat(dir_fd=fd)
+        if starttime is not None and st.starttime != starttime:
+            return None  # the pid was reused
+        adj = read_oom_score_adj(dir_fd=fd)
+        if oom_score_adj is not None and adj != oom_score_adj:
+            return None
+        status = read_status(dir_fd=fd)
+        return Glance(pid, st.starttime, status.uids[0], st.comm, status.vm_rss_kb, adj, read_cgroup(dir_fd=fd))
     except (*GONE, PermissionError, ValueError, IndexError):
         return None
     finally:

@@ -28,6 +28,7 @@ from typing import Any
 from oomguard.config import Config, PolicyClass
 from oomguard.host import cgroups, procfs, users
 from oomguard.host.proctable import ProcTable
+from oomguard.policy.adjbook import AdjBook
 from oomguard.policy.appcgroup import AppPlacement
 from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
 from oomguard.policy.pending import MISSING, Pending, PendingQueue
@@ -96,6 +97,7 @@ class Enforcer(Walks, AppPlacement):
         # lookup. Keys are (pid, start time), indexed by pid so that an event
         # touches one pid's entries only; exit events and resyncs prune it.
         self._classes: ProcTable[PolicyClass | None] = ProcTable()
+        self._adj = AdjBook()  # their oom_score_adj as last seen or written: status's candidates
         # What polling saw last: pid -> (start time, comm).
         self._seen: dict[int, tuple[int, str]] = {}
         self._pending = PendingQueue(delay, PENDING_MAX)  # first looks
@@ -129,6 +131,11 @@ class Enforcer(Walks, AppPlacement):
         """The live processes' classes, fed by events: (pid, start) -> class.
         Read it under ``lock``; the enforcer alone writes it."""
         return self._classes
+
+    @property
+    def adj(self) -> AdjBook:
+        """The live processes' oom_score_adj as last seen or written; like ``table``."""
+        return self._adj
 
     @property
     def lock(self) -> threading.RLock:
@@ -202,6 +209,7 @@ class Enforcer(Walks, AppPlacement):
     def _enforce(self, procs: Sequence[procfs.Proc], r: Resolver) -> list[Decision]:
         """Decide, write in one batch, and place; under the lock."""
         decisions = [decide(p, r) for p in procs]
+        self._adj.saw(decisions)
         self._record(apply(decisions, self.dry_run, registry=self.registry))
         if self.app_cgroup:
             for p, d in zip(procs, decisions, strict=True):
@@ -210,6 +218,7 @@ class Enforcer(Walks, AppPlacement):
         return decisions
 
     def _record(self, changes: list[Change]) -> None:
+        self._adj.wrote(changes)
         for c in changes:
             if c.ok:
                 self.stats.writes += 1
@@ -268,6 +277,7 @@ class Enforcer(Walks, AppPlacement):
         with self._lock:
             self._touched(pid)
             self._classes.forget(pid)
+            self._adj.forget(pid)
             self._seen.pop(pid, None)
             if self._pending.drop(pid):
                 self.stats.dropped += 1

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from oomguard.config import PolicyClass
 from oomguard.host import procfs
 from oomguard.host.proctable import ProcTable
+from oomguard.policy.adjbook import AdjBook
 from oomguard.policy.decisions import PROTECTED, Change, Decision, decide
 from oomguard.policy.resolver import Resolver
 from oomguard.policy.stats import EnforcerStats
@@ -32,6 +33,7 @@ class Walks:
     _lock: threading.RLock
     _walking: threading.Lock
     _classes: ProcTable[PolicyClass | None]
+    _adj: AdjBook
     _seen: dict[int, tuple[int, str]]
     _dirty: set[int] | None
     _generation: int
@@ -112,6 +114,7 @@ class Walks:
                     for start, cls in self._classes.entries(pid).items():
                         fresh[(pid, start)] = cls
                 self._classes.replace(fresh)  # also prunes what exits we missed left
+                self._adj.keep_only(dirty)  # _apply_round notes what the walk saw
                 self._seen = seen
                 keep = {pid: p for pid, p in procs.items() if pid not in dirty}
                 return self._apply_round(keep, [d for d in decisions if d.pid not in dirty], r)
@@ -124,6 +127,7 @@ class Walks:
             runs = RunLifecycle(self.registry)
             for par, child in r.found_descendants:
                 runs.member(par.pid, par.starttime, child.pid, child.starttime)
+        self._adj.saw(decisions)
         changes = apply(decisions, self.dry_run, registry=self.registry)
         self._record(changes)
         if self.app_cgroup:
