@@ -24,7 +24,7 @@ from oomguard.telemetry.reasons import RefusalReason
 class SocketOps:
     def __init__(self, daemon: Any):  # the Daemon (a layer above: not imported)
         self.d = daemon
-        self.status_view = Brief(self._status_snapshot, ttl=1.0)  # many askers, one /proc scan
+        self.status_view = Brief(self._status_snapshot, ttl=1.0)  # many askers, one computation
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -125,6 +125,27 @@ class SocketOps:
         return out
 
     def _status_snapshot(self) -> dict:
-        """The costly part of status (a /proc scan, the healer's lock), as root sees it."""
-        return {"system": status.collect(self.d.cfg), "protected": status.protected_processes(None),
+        """The costly part of status (the healer's lock, the protected
+        processes), as root sees it."""
+        return {"system": status.collect(self.d.cfg), "protected": self._protected(),
                 "healer": self.d.healer.status()}  # fmt: skip
+
+    def _protected(self) -> list[dict]:
+        """The processes at -1000 now. The enforcer, on process events, knows
+        every process's value as last seen or written; those it saw at -1000
+        and the active runs' processes are checked now, with no walk of /proc.
+        Without events, or before its first walk, it knows too little: walk."""
+        enforcer = self.d.enforcer
+        known = None
+        if self.d.cfg.policy.enforce and self.d.events_mode == "events":
+            with enforcer.lock:
+                if enforcer.adj.complete:
+                    known = enforcer.adj.protected()
+        if known is None:
+            return status.protected_processes(None)
+        candidates: list[tuple[int, int | None]] = list(known)
+        for run in self.d.registry.active():
+            inside, outside = self.d.registry.processes(run)
+            candidates += [(pid, None) for pid in inside]
+            candidates += outside
+        return status.protected_among(candidates)
