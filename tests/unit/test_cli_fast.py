@@ -34,7 +34,7 @@ def test_the_copied_constants_agree_with_their_owners():
 # ---------------------------------------------------------------- the argv
 
 
-TOKENS = ["runs", "events", "status", "top", "3", "x", "-3", "--all", "--json", "--config", "/c.toml",
+TOKENS = ["runs", "events", "status", "top", "-n", "3", "x", "-3", "--all", "--json", "--config", "/c.toml",
           "--since", "1d", "--kind", "oom_kill", "--limit", "7", "--help", "--al", "--json=1", "--", ""]  # fmt: skip
 
 
@@ -46,15 +46,15 @@ def argparse_view(argv: list[str]) -> dict | None:
     return {"command": ns.command, "config": ns.config, "id": getattr(ns, "id", None),
             "all": getattr(ns, "all", False), "json": getattr(ns, "json", False),
             "since": getattr(ns, "since", None), "kind": getattr(ns, "kind", None) or [],
-            "limit": getattr(ns, "limit", 1000)}  # fmt: skip
+            "limit": getattr(ns, "limit", 1000)}
 
 
 def test_every_argv_the_fast_path_takes_means_the_same_to_argparse(capsys):
     rng = random.Random(12)
     argvs = [[rng.choice(TOKENS) for _ in range(rng.randint(1, 6))] for _ in range(2000)]
-    argvs += [["--config", "/a.toml"] * rng.randint(0, 1) + [rng.choice(["runs", "events", "status"])]
+    argvs += [["--config", "/a.toml"] * rng.randint(0, 1) + [rng.choice(["runs", "events", "status", "top"])]
               + [rng.choice(TOKENS) for _ in range(rng.randint(0, 5))] for _ in range(3000)]  # fmt: skip
-    argvs += [[c, *rest] for c in ("runs", "events", "status") for rest in
+    argvs += [[c, *rest] for c in ("runs", "events", "status", "top") for rest in
               ([], ["--json"], ["--config", "/c.toml"], ["--all"], ["3"], ["3", "--all"], ["--all", "3"])]  # fmt: skip
     taken = 0
     for argv in argvs:
@@ -70,7 +70,7 @@ def test_every_argv_the_fast_path_takes_means_the_same_to_argparse(capsys):
 @pytest.mark.parametrize("argv", [
     ["runs", "--all", "3"],  # an error to argparse: the id comes too late
     ["runs", "--al"], ["runs", "--json=1"], ["status", "--help"], ["--version"], ["events", "--limit", "-1"],
-    ["events", "--since", "-1d"], ["top"], ["runs", "3", "4"], ["--config", "runs"], ["runs", "--config", ""],
+    ["events", "--since", "-1d"], ["top", "--cgroup", "/x"], ["top", "-n", "-3"], ["runs", "3", "4"], ["--config", "runs"], ["runs", "--config", ""],
 ])  # fmt: skip
 def test_what_the_fast_path_leaves_to_argparse(argv):
     assert fast.parse(argv) is None
@@ -317,3 +317,14 @@ def test_a_reply_on_the_wire_imports_neither_json_nor_re(tmp_path):
              "file=sys.stderr)")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert r.stderr.strip() == "0 []" and "RUN" in r.stdout and server.asked == [{"op": "runs", "all": False}]
+
+
+def test_top_takes_the_fast_path_and_prints_the_argparse_paths_table(capsys):
+    code = ("import sys; from oomguard import cli; rc = cli.main(['top', '-n', '3']); "
+            "print(rc, sorted(m for m in sys.modules if m.startswith(('oomguard.config', 'argparse', 'oomguard.cli.commands'))))")  # fmt: skip
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    lines = out.splitlines()
+    assert len(lines) == 5 and lines[-1] == "0 []"
+    assert commands.main(["top", "-n", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == lines[0]  # the same table's header

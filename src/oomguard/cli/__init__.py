@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from oomguard.cli import motd
 
         return motd.main()
-    if args[:1] in (["runs"], ["events"], ["status"], ["--config"]):
+    if args[:1] in (["runs"], ["events"], ["status"], ["top"], ["--config"]):
         from oomguard.cli import fast
 
         rc = fast.run(args)
