@@ -52,3 +52,8 @@ def test_a_gone_process_raises_no_such_process(child):  # noqa: F811
 
 def test_swappiness_is_the_sysctl():
     assert oomstat.swappiness() == int(Path("/proc/sys/vm/swappiness").read_text())
+
+
+def test_the_euid_from_the_uid_line_alone_is_the_full_parses():
+    for data in (open("/proc/self/status", "rb").read(), b"Name:\tx\nUid:\t1000\t33\t33\t33\nGid:\t0\t0\t0\t0\n"):
+        assert oomstat.parse_euid(data) == oomstat.parse_oom_status(data).euid
