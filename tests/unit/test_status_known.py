@@ -137,12 +137,13 @@ class FakeProc:
         (root / "sys/kernel/random").mkdir(parents=True)
         (root / "sys/kernel/random/boot_id").write_text(procfs.boot_id() + "\n")
 
-    def add(self, pid: int, adj: int, *, uid: int = 0, start: int | None = None, comm: str = "oomgfake") -> tuple:
+    def add(self, pid: int, adj: int, *, uid: int = 0, start: int | None = None, comm: str = "oomgfake",
+            flags: int = 0x400000) -> tuple:
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
         st = pid * 10 if start is None else start
         rest = " ".join(["0"] * 25)
-        (d / "stat").write_text(f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 {st} 1000 "
+        (d / "stat").write_text(f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 {st} 1000 "
                                 f"250 {rest}\n")  # fmt: skip
         (d / "status").write_text(f"Name:\t{comm}\nPPid:\t1\nTgid:\t{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
                                   f"Gid:\t{uid}\t{uid}\t{uid}\t{uid}\nVmRSS:\t1000 kB\n")  # fmt: skip
@@ -245,6 +246,7 @@ def test_status_walks_proc_when_the_enforcer_is_not_on_events(fake, daemon) -> N
         fake.remove(4301)
     before_walk = daemon()  # on events, but its first walk has not finished: the book misses the older ones
     fake.add(4302, -1000)
+    fake.add(4303, -1000, flags=procfs.PF_KTHREAD, comm="kworker/0:1")  # no one's process: left out, as before
     assert protected(before_walk) == [4302]
 
 

@@ -11,9 +11,8 @@ import os
 from typing import NamedTuple
 
 from oomguard.host import procfs
-from oomguard.host.procfs import GONE, NoSuchProcess
+from oomguard.host.procfs import GONE, PF_KTHREAD, NoSuchProcess
 
-PF_KTHREAD = 0x00200000
 _O_RDONLY = os.O_RDONLY | os.O_CLOEXEC
 
 

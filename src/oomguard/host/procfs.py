@@ -20,6 +20,7 @@ PROC = os.environ.get("OOMGUARD_PROC", "/proc")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 OOM_SCORE_ADJ_MIN = -1000  # the OOM killer never picks a process at this value
+PF_KTHREAD = 0x00200000  # stat's flags: a kernel thread
 
 
 
@@ -92,6 +93,7 @@ class Stat:
     tty_nr: int
     starttime: int  # clock ticks after boot (field 22)
     rss_pages: int
+    flags: int = 0  # field 9: PF_* (PF_KTHREAD)
 
 
 def parse_stat(data: bytes) -> Stat:
@@ -111,6 +113,7 @@ def parse_stat(data: bytes) -> Stat:
         tty_nr=int(f[4]),
         starttime=int(f[19]),
         rss_pages=int(f[21]),
+        flags=int(f[6]),
     )
 
 
@@ -312,15 +315,15 @@ def glance(pid: int, starttime: int | None = None, oom_score_adj: int | None = N
     """Process ``pid`` now, through one dir fd; None if it is gone, or is no
     longer (pid, ``starttime``) or at ``oom_score_adj`` when those are given.
     stat and oom_score_adj are read first, so a candidate that is no longer
-    one costs two reads; kernel threads are not told apart (none is asked)."""
+    one costs two reads. Kernel threads are left out, as ``snapshot`` does."""
     try:
         fd = open_dir(pid)
     except (ProcessLookupError, PermissionError):
         return None
     try:
         st = read_stat(dir_fd=fd)
-        if starttime is not None and st.starttime != starttime:
-            return None  # the pid was reused
+        if (starttime is not None and st.starttime != starttime) or st.flags & PF_KTHREAD:
+            return None  # the pid was reused, or no process of anyone's
         adj = read_oom_score_adj(dir_fd=fd)
         if oom_score_adj is not None and adj != oom_score_adj:
             return None
