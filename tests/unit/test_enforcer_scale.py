@@ -71,6 +71,16 @@ def _known(enf: Enforcer, n: int = N, first: int = 4_000_000) -> Spy:
     return spy
 
 
+def _booked(enf: Enforcer, n: int = N, first: int = 4_000_000) -> tuple[Spy, Spy]:
+    """The same processes in the enforcer's book of values, one in seven at
+    -1000, and spies on its two dicts."""
+    for i in range(n):
+        enf.adj.note((first + i, 1000 + i), -1000 if i % 7 == 0 else 0)
+    book = enf.adj
+    book._adj, book._protected = Spy(book._adj), Spy(book._protected)
+    return book._adj, book._protected
+
+
 @pytest.fixture(scope="module")
 def sleeper(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bin") / f"oomgscale-{os.getpid() % 10000}"
@@ -96,19 +106,23 @@ def test_the_table_is_a_mapping_indexed_by_pid() -> None:
 def test_an_exit_among_10k_known_processes_touches_that_pid_only() -> None:
     enf = Enforcer(_classes(), None, self_pid=0)
     spy = _known(enf)
-    pid = 4_000_007
+    values, protected = _booked(enf)
+    pid, other = 4_000_007, 4_000_014  # both at -1000 in the book
     enf.on_exit(pid, 0)
     enf.handle(("exit", pid, 0))  # the stream's path too
-    assert spy.touched == {pid}
+    assert spy.touched == {pid} and values.touched == {pid} and protected.touched <= {pid}
     assert pid not in spy and len(enf.table) == N - 1  # both of its entries, nothing else
+    assert enf.adj.get((pid, 1007)) is None and enf.adj.get((other, 1014)) == -1000 and len(enf.adj) == N - 1
 
 
 def test_an_exec_among_10k_known_processes_touches_that_pid_only() -> None:
     enf = Enforcer(_classes(), None, self_pid=0)
     spy = _known(enf)
+    values, protected = _booked(enf)
     pid = 4_000_011
     assert enf.on_exec(pid) is None  # no such process: forgotten, nothing looked up
     assert spy.touched == {pid} and len(enf.table) == N  # its one entry of N + 1
+    assert not values.touched and not protected.touched  # its value stays until its look or exit
 
 
 def test_a_fork_among_10k_known_processes_asks_only_about_its_own_family(sleeper) -> None:
