@@ -39,8 +39,8 @@ class AdjBook:
     def note(self, key: Key, value: int) -> None:
         pid, start = key
         old = self._adj.get(pid)
-        if old is not None and old[0] > start:
-            return  # a look at the pid's previous process, older than what is known
+        if old is not None and (old[0] > start or old[0] == start and old[1] == value):
+            return  # nothing new, or a look at the pid's previous process, older than what is known
         self._adj[pid] = (start, value)
         if value == PROTECTED:
             self._protected[pid] = start
