@@ -1,7 +1,8 @@
 """One computation shared by every caller within a moment.
 
-``status`` costs a full /proc scan and a wait on the healer's lock; many users
-asking at once must cost one scan, not one each. ``Brief(fn, ttl)`` returns
+``status`` costs a wait on the healer's lock, a check of each protected
+process and, where the policy is not on process events, a walk of /proc;
+many users asking at once must cost one of each, not one each. ``Brief(fn, ttl)`` returns
 the value computed less than ``ttl`` seconds ago, or computes it once while
 concurrent callers wait for that one result.
 """
