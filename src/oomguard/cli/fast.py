@@ -32,9 +32,10 @@ DEFAULT_CONFIG = "/etc/oomguard/oomguard.toml"
 MAX_BYTES = 1 << 20
 DROPIN_SUFFIX = ".toml"
 
+# top's --cgroup (and --json, see _top) is left to argparse
 FLAGS = {"runs": ("--all", "--json"), "events": ("--json",), "status": ("--json",), "top": ("--json",)}
 VALUED = {"runs": ("--config",), "events": ("--config", "--since", "--kind", "--limit"), "status": ("--config",),
-          "top": ("--config", "--limit", "-n")}  # top's --cgroup is left to argparse  # fmt: skip
+          "top": ("--config", "--limit", "-n")}  # fmt: skip
 
 
 def parse(argv: Sequence[str]) -> dict[str, Any] | None:
