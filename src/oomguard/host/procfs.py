@@ -13,11 +13,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 PROC = os.environ.get("OOMGUARD_PROC", "/proc")
+T = TypeVar("T")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 OOM_SCORE_ADJ_MIN = -1000  # the OOM killer never picks a process at this value
@@ -265,15 +266,27 @@ class Proc:
         return (self.pid, self.starttime)
 
 
-def snapshot(pid: int) -> Proc | None:
-    """A consistent-enough view of one process, None if it is gone or a
-    kernel thread. Reads happen through one dir fd so they all describe the
-    same process even if the pid is reused meanwhile."""
+def _through_dir(pid: int, read: Callable[[int], T | None]) -> T | None:
+    """``read(dir_fd)`` on the pid's /proc directory, so that every file it
+    reads describes the same process even if the pid is reused meanwhile;
+    None if the process is gone or unreadable."""
     try:
         fd = open_dir(pid)
     except (ProcessLookupError, PermissionError):
         return None
     try:
+        return read(fd)
+    except (*GONE, PermissionError, ValueError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def snapshot(pid: int) -> Proc | None:
+    """A consistent-enough view of one process, None if it is gone or a
+    kernel thread."""
+
+    def read(fd: int) -> Proc | None:
         st = read_stat(dir_fd=fd)
         status = read_status(dir_fd=fd)
         exe = read_exe(dir_fd=fd)
@@ -293,10 +306,8 @@ def snapshot(pid: int) -> Proc | None:
             cgroup=read_cgroup(dir_fd=fd),
             tty_nr=st.tty_nr,
         )
-    except (*GONE, PermissionError, ValueError, IndexError):
-        return None
-    finally:
-        os.close(fd)
+
+    return _through_dir(pid, read)
 
 
 class Glance(NamedTuple):
@@ -317,11 +328,8 @@ def glance(pid: int, starttime: int | None = None, oom_score_adj: int | None = N
     longer (pid, ``starttime``) or at ``oom_score_adj`` when those are given.
     stat and oom_score_adj are read first, so a candidate that is no longer
     one costs two reads. Kernel threads are left out, as ``snapshot`` does."""
-    try:
-        fd = open_dir(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-    try:
+
+    def read(fd: int) -> Glance | None:
         st = read_stat(dir_fd=fd)
         if (starttime is not None and st.starttime != starttime) or st.flags & PF_KTHREAD:
             return None  # the pid was reused, or no process of anyone's
@@ -330,10 +338,8 @@ def glance(pid: int, starttime: int | None = None, oom_score_adj: int | None = N
             return None
         status = read_status(dir_fd=fd)
         return Glance(pid, st.starttime, status.uids[0], st.comm, status.vm_rss_kb, adj, read_cgroup(dir_fd=fd))
-    except (*GONE, PermissionError, ValueError, IndexError):
-        return None
-    finally:
-        os.close(fd)
+
+    return _through_dir(pid, read)
 
 
 def iter_processes() -> Iterator[Proc]:
