@@ -76,7 +76,8 @@ def sleeper(tmp_path):
         child = subprocess.Popen([str(path), "60"])
         procs.append(child)
         deadline = time.monotonic() + 5
-        while procfs.read_stat(child.pid).comm != path.name:
+        # exec'd and asleep: past its start-up, its memory settled
+        while (st := procfs.read_stat(child.pid)).comm != path.name or st.state != "S":
             assert time.monotonic() < deadline
             time.sleep(0.005)
         return child
@@ -105,9 +106,12 @@ def test_the_enforcer_books_what_it_wrote_and_status_checks_it_now(sleeper) -> N
     reused = (b.pid, key_b[1] - 1)  # the book's process had the pid before b
     listed = status.protected_among([key_a, reused], adj=555)
     assert listed == []  # a left the value since; the pid is not that process any more
+    rss_before = procfs.read_status(b.pid).vm_rss_kb
     shown = status.protected_among([(b.pid, None)], adj=555)[0]  # a run's cgroup lists pids only
+    rss_after = procfs.read_status(b.pid).vm_rss_kb  # a live process's RSS may move: bracket it
+    assert min(rss_before, rss_after) <= shown.pop("rss_kb") <= max(rss_before, rss_after)
     assert shown == {"pid": b.pid, "uid": os.getuid(), "comm": procfs.read_stat(b.pid).comm,
-                     "rss_kb": procfs.read_status(b.pid).vm_rss_kb, "cgroup": procfs.read_cgroup(b.pid)}
+                     "cgroup": procfs.read_cgroup(b.pid)}
     enf.handle(("exit", b.pid, 0))
     assert enf.adj.get(key_b) is None and enf.adj.get(key_a) == 555
 
