@@ -105,12 +105,16 @@ class OomWatcher:
             return False
         self._next_save = now + SAVE_EVERY
         try:
-            self.store.set_states({"kmsg.seq": str(pos), "kmsg.boot_id": self.follower.boot_id or ""})
+            self.store.set_states(self._position(pos))
         except Exception as e:  # noqa: BLE001 - a full disk: the events stored so far hold their own position
             log.warning("cannot save the kernel log position (%s): a restart may read repeats again", e)
             return True
         self._saved = pos
         return True
+
+    def _position(self, pos: int) -> dict[str, str]:
+        """The state keys a restart resumes from (host/kmsg.py skips up to ``pos`` in the same boot)."""
+        return {"kmsg.seq": str(pos), "kmsg.boot_id": self.follower.boot_id or ""}
 
     def handle(self, events: list, seq: int | None) -> None:
         for ev in events:
@@ -145,12 +149,11 @@ class OomWatcher:
                 if not seen:
                     continue  # one stored per cgroup per minute; the kernel repeats it
                 data["suppressed_repeats"] = self.livelocks.take_suppressed(ev.oom_memcg)
-            state = None
-            if seq is not None:
-                state = {"kmsg.seq": str(self.parser.resume_after(seq)), "kmsg.boot_id": self.follower.boot_id}
-            self.store.add(kind, data, ts=ev.wall_time, uids=sorted(uids), state=state)
-            if state is not None:
-                self._saved = int(state["kmsg.seq"])
+            pos = None if seq is None else self.parser.resume_after(seq)
+            self.store.add(kind, data, ts=ev.wall_time, uids=sorted(uids),
+                           state=None if pos is None else self._position(pos))  # fmt: skip
+            if pos is not None:
+                self._saved = pos
             if self.on_event:
                 self.on_event(kind, data)
 
