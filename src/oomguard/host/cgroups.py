@@ -335,8 +335,7 @@ def owner(cgroup: str) -> int | None:
 def under_a_user_owned(cgroup: str) -> bool:
     """Whether a proper ancestor of ``cgroup`` is owned by a user (delegated):
     its processes can then be moved to a sibling the user makes."""
-    parts = [p for p in cgroup.strip("/").split("/") if p]
-    return any(_owned_by_a_user(ROOT.joinpath(*parts[:i])) for i in range(1, len(parts)))
+    return any(_owned_by_a_user(ROOT / cg.lstrip("/")) for cg in lineage(cgroup)[1:])
 
 
 def _owned_by_a_user(path: Path) -> bool:
