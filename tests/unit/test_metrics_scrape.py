@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from kmsg_captures import KMSG, load_kmsg
 from prometheus_client.parser import text_string_to_metric_families
 
 from oomguard import config
@@ -29,11 +29,9 @@ from oomguard.config import Check, Config, HealerConfig, LayoutConfig
 from oomguard.daemon import Daemon
 from oomguard.healer import health, probe_base
 from oomguard.healer.healer import Healer
-from oomguard.host import cgroups, kmsg
+from oomguard.host import cgroups
 from oomguard.runs.run import Run
 from oomguard.telemetry.reasons import RefusalReason
-
-KMSG = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg"
 
 # Every family the exporter publishes; a new one must be added here, with
 # the step that produces it.
@@ -149,15 +147,6 @@ def ask(path: str, line: bytes) -> dict:
         return json.loads(s.makefile("rb").readline())
 
 
-def load_kmsg(path: Path) -> list[kmsg.KmsgRecord]:
-    """A capture's records, as if printed just now: the livelock gauge
-    follows the kernel's clock, and a capture's own stamps are long past."""
-    chunks = re.split(rb"\n(?! )", path.read_bytes())  # a record's dictionary lines start with a space
-    recs = [r for c in chunks if c and (r := kmsg.parse_record(c + b"\n")) is not None]
-    shift = kmsg.now_usec() - max(r.ts_usec for r in recs)
-    return [replace(r, ts_usec=r.ts_usec + shift) for r in recs]
-
-
 def test_every_published_metric_is_scraped_with_its_value(daemon, app_cgroup) -> None:
     d, port = daemon
     assert d.healer.hooks._hooks is d.metrics and d.oomwatch.hooks is d.metrics  # the daemon's wiring
@@ -174,10 +163,10 @@ def test_every_published_metric_is_scraped_with_its_value(daemon, app_cgroup) ->
                    command="php import.php", cgroup=None))  # fmt: skip
 
     # ------------------------------------------------ the kernel log
-    for rec in load_kmsg(KMSG / "linux-6.1-memcg-kill.kmsg"):
+    for rec in load_kmsg(KMSG / "linux-6.1-memcg-kill.kmsg", fresh=True):
         d.oomwatch.on_record(rec)
-    last = max(r.seq for r in load_kmsg(KMSG / "linux-6.1-memcg-kill.kmsg"))
-    for rec in load_kmsg(KMSG / "linux-6.1-livelock.kmsg"):
+    last = max(r.seq for r in load_kmsg(KMSG / "linux-6.1-memcg-kill.kmsg", fresh=True))
+    for rec in load_kmsg(KMSG / "linux-6.1-livelock.kmsg", fresh=True):
         d.oomwatch.on_record(replace(rec, seq=rec.seq + last))  # one ring: it follows the kill
     d.oomwatch.on_idle()
     d.oomwatch.follower._report_lost(3, "ring buffer overrun")
@@ -259,7 +248,7 @@ def test_the_kernel_logs_livelock_gauge_has_one_writer(daemon, app_cgroup) -> No
     s = Scrape(port)
     assert s.value("oomguard_healer_livelock", cgroup="/app") == 1
     assert s.value("oomguard_oom_livelock") == 0
-    for rec in load_kmsg(KMSG / "linux-6.1-livelock.kmsg"):
+    for rec in load_kmsg(KMSG / "linux-6.1-livelock.kmsg", fresh=True):
         d.oomwatch.on_record(rec)
     write_events(app_cgroup, 13, 1)  # the app cgroup's livelock ends
     healer.tick()

@@ -16,16 +16,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from kmsg_captures import KMSG, load_kmsg
 from prometheus_client.parser import text_string_to_metric_families
 
 from oomguard import config
 from oomguard.config import ConfigError
 from oomguard.daemon import Daemon
 from oomguard.forensics.metrics import Metrics, TextfileWriter
-from oomguard.host import kmsg
 from oomguard.telemetry.reasons import RefusalReason
 
-KMSG = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg"
 DEADLINE = 30.0  # generous: the waits end on a condition, not on this
 
 
@@ -201,10 +200,8 @@ enforce = false
     t.start()
     try:
         wait_for(prom.exists, "the first write")
-        capture = re.split(rb"\n(?! )", (KMSG / "linux-6.1-memcg-kill.kmsg").read_bytes())
-        for chunk in capture:
-            if chunk and (rec := kmsg.parse_record(chunk + b"\n")) is not None:
-                d.oomwatch.on_record(rec)
+        for rec in load_kmsg(KMSG / "linux-6.1-memcg-kill.kmsg"):
+            d.oomwatch.on_record(rec)
         d.oomwatch.on_idle()
         kill = 'oomguard_oom_kills_total{cgroup="/oomguard-capture-198",comm="oomguard-hog"} 1.0'
         wait_for(lambda: kill in prom.read_text(), "the captured kill in the textfile")

@@ -7,12 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+from kmsg_captures import KMSG, load_kmsg
 
 from oomguard.forensics import oomreport
 from oomguard.forensics.oomreport import LivelockTracker, OomKill, OomLivelock, OomParser
 from oomguard.host.kmsg import KmsgRecord, parse_record
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg"
+FIXTURES = KMSG
 PUBLISHED = FIXTURES / "published"
 BOOT = 1_700_000_000.0
 
@@ -61,15 +62,6 @@ def load_published(path: Path) -> list[KmsgRecord]:
             )
         )
     return out
-
-
-def load_kmsg(path: Path) -> list[KmsgRecord]:
-    """Records from a raw /dev/kmsg capture (scripts/capture-kmsg-fixture)."""
-    data = path.read_bytes()
-    chunks = re.split(rb"\n(?! )", data)  # a record's dictionary lines start with a space
-    records = [parse_record(c + b"\n") for c in chunks if c]
-    assert all(r is not None for r in records), f"{path.name}: unparsable record"
-    return records  # type: ignore[return-value]
 
 
 def parse_all(records: list[KmsgRecord], parser: OomParser | None = None) -> list[oomreport.OomEvent]:

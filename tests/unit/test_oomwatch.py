@@ -1,10 +1,9 @@
 """Kernel OOM reports become attributed events."""
 
-import re
 import threading
 import time
-from dataclasses import replace
-from pathlib import Path
+
+from kmsg_captures import KMSG, load_kmsg
 
 from oomguard.forensics import oomreport, oomwatch
 from oomguard.forensics.events import EventStore
@@ -84,14 +83,8 @@ def test_ring_overruns_are_logged_once_per_interval(caplog):
 
 # ------------------------------------------------ the kernel log position
 
-KMSG = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg"
-
-
 def capture(name, fresh=True):
-    chunks = re.split(rb"\n(?! )", (KMSG / name).read_bytes())
-    recs = [r for c in chunks if c and (r := kmsg.parse_record(c + b"\n")) is not None]
-    shift = kmsg.now_usec() - max(r.ts_usec for r in recs) if fresh else 0
-    return [replace(r, ts_usec=r.ts_usec + shift) for r in recs]
+    return load_kmsg(KMSG / name, fresh=fresh)
 
 
 def follow(w, recs):
