@@ -20,6 +20,17 @@ def clean_env(tmp_path):
     return env
 
 
+@pytest.fixture
+def rig():
+    """A broker rig (broker_rig.Rig: a socket directory, brokers served in
+    threads), closed after the test. The healer tests have a rig of their own."""
+    from broker_rig import Rig
+
+    r = Rig()
+    yield r
+    r.close()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI (root on a machine that .ci/run equipped) nothing may pass by

@@ -28,13 +28,6 @@ def clonevm_ask(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def rig():
-    r = Rig()
-    yield r
-    r.close()
-
-
 def test_a_peer_sharing_its_mm_is_refused_through_the_broker(rig: Rig, clonevm_ask: Path) -> None:
     b = rig.start(allow_uids=frozenset({os.getuid()}))
     out = subprocess.run([str(clonevm_ask), b.config.socket], capture_output=True, text=True, timeout=30)

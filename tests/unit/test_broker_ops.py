@@ -19,13 +19,6 @@ T0 = time.time() - 86_400  # recent: older events are pruned
 
 
 @pytest.fixture
-def rig():
-    r = Rig()
-    yield r
-    r.close()
-
-
-@pytest.fixture
 def daemon(rig: Rig):
     d = in_process_daemon(rig)
     yield d

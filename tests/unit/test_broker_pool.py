@@ -16,13 +16,6 @@ from oomguard.runs import lifecycle
 from oomguard.runs.views import run_view
 
 
-@pytest.fixture
-def rig():
-    r = Rig()
-    yield r
-    r.close()
-
-
 def test_a_uid_past_its_cap_is_refused_and_the_job_is_not_queued() -> None:
     pool = WorkerPool("t", threads=2, per_uid=2)
     gate = threading.Event()

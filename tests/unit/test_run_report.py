@@ -8,17 +8,10 @@ import select
 import time
 
 import pytest
-from broker_rig import Rig, in_process_daemon
+from broker_rig import in_process_daemon
 
 from oomguard import protect
 from oomguard.runs.run import Run
-
-
-@pytest.fixture
-def rig():
-    r = Rig()
-    yield r
-    r.close()
 
 
 def test_the_summary_reaches_the_runs_terminal_when_it_ends(rig):

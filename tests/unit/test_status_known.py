@@ -166,13 +166,6 @@ class FakeProc:
 
 
 @pytest.fixture
-def rig():
-    r = Rig()
-    yield r
-    r.close()
-
-
-@pytest.fixture
 def fake(tmp_path, monkeypatch) -> FakeProc:
     fp = FakeProc(tmp_path / "proc")
     monkeypatch.setattr(procfs, "PROC", str(fp.root))
